@@ -1,0 +1,5 @@
+"""Allow ``python -m medlb``."""
+
+from medlb.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,485 @@
+"""The configuration schema, its YAML loader and its validation errors.
+
+The schema is a contract with operators: it is strict (unknown keys are
+errors), every value is typed, and every error comes back with the location an
+operator can find in the file (``backends[1].servers[0].address``). All errors
+are collected in one pass, so ``medlb check`` reports everything at once.
+
+Values cascade ``defaults`` -> backend -> server: a key left unset (``None``)
+at an inner level inherits the outer one. The ``resolve_*`` helpers at the end
+apply that cascade so the rest of the code never sees an unset value.
+
+This module imports only :mod:`medlb.errors` from medlb (innermost ring).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+)
+
+from medlb.errors import ConfigError, ConfigIssue
+
+# --------------------------------------------------------------------------- scalars
+
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(us|ms|s|m|h|d)\s*$")
+_UNIT_SECONDS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(value: object) -> float:
+    """Parse ``"500ms"``, ``"2s"``, ``"12h"`` into seconds.
+
+    A unit is mandatory (HAProxy reads a bare number as milliseconds, a classic
+    source of 1000x mistakes); the only unit-less value accepted is ``0``.
+    """
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as 500ms, 5s, 12h")
+    if isinstance(value, int | float) and value == 0:
+        return 0.0
+    if isinstance(value, str):
+        if value.strip() == "0":
+            return 0.0
+        match = _DURATION_RE.match(value)
+        if match:
+            return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    raise ValueError(f"expected a duration with a unit (us, ms, s, m, h, d) such as 500ms or 5s, got {value!r}")
+
+
+def format_duration(seconds: float) -> str:
+    """Render seconds back in the config's own style (for logs and ``check``)."""
+    for unit, size in (("d", 86400.0), ("h", 3600.0), ("m", 60.0), ("s", 1.0)):
+        if seconds >= size and (seconds / size).is_integer():
+            return f"{int(seconds / size)}{unit}"
+    return f"{round(seconds * 1000)}ms"
+
+
+@dataclass(frozen=True, slots=True)
+class HostPort:
+    """A parsed ``host:port``; ``host`` has no brackets even for IPv6."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    @property
+    def is_literal(self) -> bool:
+        """True when ``host`` is an IP address, so no DNS lookup is needed."""
+        try:
+            ipaddress.ip_address(self.host)
+        except ValueError:
+            return False
+        return True
+
+
+_HOSTNAME_RE = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?$")
+
+
+def parse_host_port(value: object) -> HostPort:
+    """Parse ``"10.0.0.5:104"``, ``"[::1]:11112"`` or ``"pacs1.local:104"``."""
+    if isinstance(value, HostPort):
+        return value
+    if not isinstance(value, str):
+        raise ValueError("expected host:port")
+    text = value.strip()
+    if text.startswith("["):
+        host, sep, port_text = text[1:].partition("]:")
+        if not sep:
+            raise ValueError("expected host:port")
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"expected host:port, {host!r} is not an IPv6 address") from None
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep or not host or ":" in host:
+            raise ValueError("expected host:port (write IPv6 as [addr]:port)")
+        if not _HOSTNAME_RE.match(host):
+            raise ValueError(f"expected host:port, {host!r} is not a valid host name or address")
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ValueError(f"expected host:port, port {port_text!r} must be 1..65535")
+    return HostPort(host, int(port_text))
+
+
+def parse_bind(value: object) -> HostPort:
+    """A bind address allows port 0 (pick a free port; used by tests and the demo)."""
+    if isinstance(value, str) and value.rstrip().endswith(":0"):
+        parsed = parse_host_port(value.rstrip()[:-1] + "1")
+        return HostPort(parsed.host, 0)
+    return parse_host_port(value)
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+Address = Annotated[HostPort, BeforeValidator(parse_host_port)]
+BindAddress = Annotated[HostPort, BeforeValidator(parse_bind)]
+Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+
+
+class _Strict(BaseModel):
+    """Frozen, and unknown keys are errors: a typo must never be silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+
+
+# --------------------------------------------------------------------------- sections
+
+
+class Timeouts(_Strict):
+    """Timeouts. ``connect`` is separate from the idle ones on purpose: a dead
+    server must fail fast while a long C-STORE must never be cut while bytes flow.
+
+    - ``connect``: TCP connect to a server (per attempt).
+    - ``client`` / ``server``: idle time allowed on either side of a session.
+    - ``queue``: how long a session may wait for a free server slot.
+    - ``check``: how long one health check may take (may exceed ``inter``).
+    """
+
+    connect: Duration | None = None
+    client: Duration | None = None
+    server: Duration | None = None
+    queue: Duration | None = None
+    check: Duration | None = None
+
+
+class CheckSettings(_Strict):
+    """Health check settings; any level may set any key, inner levels win."""
+
+    type: Literal["tcp", "http", "https", "external", "none"] | None = None
+    inter: Duration | None = None
+    fastinter: Duration | None = None
+    downinter: Duration | None = None
+    rise: Annotated[int, Field(ge=1, le=100)] | None = None
+    fall: Annotated[int, Field(ge=1, le=100)] | None = None
+    jitter: Annotated[float, Field(ge=0.0, le=0.5)] | None = None
+    port: Annotated[int, Field(ge=1, le=65535)] | None = None
+    # http / https
+    method: Annotated[str, Field(pattern=r"^[A-Z]{1,16}$")] | None = None
+    path: Annotated[str, Field(pattern=r"^/[\x21-\x7e]*$")] | None = None
+    host: str | None = None
+    expect_status: list[Annotated[int, Field(ge=100, le=599)]] | None = None
+    expect_body: str | None = None
+    tls_verify: bool | None = None
+    # external
+    command: str | None = None
+    # passive observation: consecutive connect failures on live traffic
+    error_limit: Annotated[int, Field(ge=1, le=1000)] | None = None
+
+
+class AgentSettings(_Strict):
+    """HAProxy agent-check / Loadbalancer.org feedback agent."""
+
+    port: Annotated[int, Field(ge=1, le=65535)] | None = None
+    address: str | None = None
+    inter: Duration | None = None
+    send: str | None = None
+    enabled: bool | None = None
+
+
+class Defaults(_Strict):
+    timeouts: Timeouts = Timeouts()
+    check: CheckSettings = CheckSettings()
+    agent: AgentSettings = AgentSettings()
+    retries: Annotated[int, Field(ge=0, le=10)] | None = None
+    redispatch: bool | None = None
+    maxqueue: Annotated[int, Field(ge=0)] | None = None
+    slowstart: Duration | None = None
+    proxy_protocol: Literal["v1", "v2", "none"] | None = None
+
+
+class ServerConfig(_Strict):
+    name: Name
+    address: Address
+    weight: Annotated[int, Field(ge=0, le=256)] = 1
+    maxconn: Annotated[int, Field(ge=0)] = 0
+    backup: bool = False
+    slowstart: Duration | None = None
+    admin_state: Literal["ready", "drain", "maint"] = "ready"
+    check: CheckSettings = CheckSettings()
+    agent: AgentSettings = AgentSettings()
+    proxy_protocol: Literal["v1", "v2", "none"] | None = None
+
+
+class BackendConfig(_Strict):
+    name: Name
+    balance: Literal["roundrobin", "leastconn", "source", "random", "first"] = "roundrobin"
+    check: CheckSettings = CheckSettings()
+    agent: AgentSettings = AgentSettings()
+    timeouts: Timeouts = Timeouts()
+    retries: Annotated[int, Field(ge=0, le=10)] | None = None
+    redispatch: bool | None = None
+    maxqueue: Annotated[int, Field(ge=0)] | None = None
+    slowstart: Duration | None = None
+    proxy_protocol: Literal["v1", "v2", "none"] | None = None
+    servers: Annotated[list[ServerConfig], Field(min_length=1)]
+
+
+class FrontendConfig(_Strict):
+    name: Name
+    mode: Literal["tcp"] = "tcp"
+    bind: Annotated[list[BindAddress], Field(min_length=1)]
+    maxconn: Annotated[int, Field(ge=1)] = 10000
+    backlog: Annotated[int, Field(ge=1)] = 1024
+    default_backend: Name
+    timeouts: Timeouts = Timeouts()
+
+
+class GlobalConfig(_Strict):
+    hard_stop_after: Duration = 60.0
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    nofile: Annotated[int, Field(ge=1024)] = 200_000
+    loop: Literal["auto", "asyncio", "uvloop"] = "auto"
+    splice: bool = True
+
+
+class Config(_Strict):
+    global_: GlobalConfig = Field(default=GlobalConfig(), alias="global")
+    defaults: Defaults = Defaults()
+    frontends: Annotated[list[FrontendConfig], Field(min_length=1)]
+    backends: Annotated[list[BackendConfig], Field(min_length=1)]
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    def backend(self, name: str) -> BackendConfig:
+        for backend in self.backends:
+            if backend.name == name:
+                return backend
+        raise KeyError(name)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _loc_text(loc: Iterable[int | str]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else part
+    return out
+
+
+def _pydantic_issues(error: ValidationError) -> list[ConfigIssue]:
+    issues = []
+    for item in error.errors():
+        msg = str(item["msg"])
+        if msg.startswith("Value error, "):
+            msg = msg[len("Value error, ") :]
+        if item["type"] == "extra_forbidden":
+            msg = "unknown key"
+        # pydantic adds the branch name of Annotated/union members; drop them.
+        loc = [p for p in item["loc"] if not (isinstance(p, str) and ("[" in p or p.startswith("function-")))]
+        issues.append(ConfigIssue(_loc_text(loc), msg))
+    return issues
+
+
+def _semantic_issues(raw: Mapping[str, Any]) -> list[ConfigIssue]:
+    """Cross-reference checks that pydantic cannot express per field.
+
+    They run on the raw mapping so they are reported even when field errors
+    exist elsewhere; the operator sees every problem in one run.
+    """
+    issues: list[ConfigIssue] = []
+
+    def names(section: str) -> list[str]:
+        items = raw.get(section)
+        if not isinstance(items, list):
+            return []
+        return [i.get("name") for i in items if isinstance(i, dict) and isinstance(i.get("name"), str)]
+
+    for section in ("frontends", "backends"):
+        seen: set[str] = set()
+        for index, name in enumerate(names(section)):
+            if name in seen:
+                issues.append(ConfigIssue(f"{section}[{index}].name", f"duplicate name {name!r}"))
+            seen.add(name)
+
+    backend_names = set(names("backends"))
+    binds: dict[str, str] = {}
+    frontends = raw.get("frontends")
+    for f_index, frontend in enumerate(frontends if isinstance(frontends, list) else []):
+        if not isinstance(frontend, dict):
+            continue
+        target = frontend.get("default_backend")
+        if isinstance(target, str) and target not in backend_names:
+            issues.append(
+                ConfigIssue(f"frontends[{f_index}].default_backend", f"backend {target!r} does not exist")
+            )
+        bind_list = frontend.get("bind")
+        for b_index, bind in enumerate(bind_list if isinstance(bind_list, list) else []):
+            if isinstance(bind, str) and not bind.endswith(":0"):
+                where = f"frontends[{f_index}].bind[{b_index}]"
+                if bind in binds:
+                    issues.append(ConfigIssue(where, f"{bind} is already bound by {binds[bind]}"))
+                binds[bind] = where
+
+    backends = raw.get("backends")
+    for b_index, backend in enumerate(backends if isinstance(backends, list) else []):
+        if not isinstance(backend, dict) or not isinstance(backend.get("servers"), list):
+            continue
+        seen = set()
+        for s_index, server in enumerate(backend["servers"]):
+            if isinstance(server, dict) and isinstance(server.get("name"), str):
+                if server["name"] in seen:
+                    issues.append(
+                        ConfigIssue(
+                            f"backends[{b_index}].servers[{s_index}].name",
+                            f"duplicate server name {server['name']!r}",
+                        )
+                    )
+                seen.add(server["name"])
+        check = backend.get("check")
+        if isinstance(check, dict) and check.get("type") == "external" and not check.get("command"):
+            issues.append(ConfigIssue(f"backends[{b_index}].check.command", "required for type external"))
+    return issues
+
+
+def parse_config(raw: object, source: str = "") -> Config:
+    """Validate an already-parsed mapping; raise :class:`ConfigError` with every issue."""
+    if not isinstance(raw, dict):
+        raise ConfigError([ConfigIssue("", "the configuration must be a mapping at the top level")], source)
+    issues: list[ConfigIssue] = []
+    config: Config | None = None
+    try:
+        config = Config.model_validate(raw)
+    except ValidationError as exc:
+        issues.extend(_pydantic_issues(exc))
+    issues.extend(_semantic_issues(raw))
+    if issues or config is None:
+        raise ConfigError(issues, source)
+    return config
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate a YAML file. YAML syntax errors carry line and column."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([ConfigIssue("", f"cannot read file: {exc.strerror}")], str(path)) from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError([ConfigIssue(where, f"YAML syntax error: {problem}")], str(path)) from None
+    return parse_config(raw, str(path))
+
+
+# --------------------------------------------------------------------------- resolution
+
+#: Built-in defaults, applied below ``defaults:``. They follow HAProxy where it has one
+#: (inter 2s, rise 2, fall 3) and imaging practice elsewhere (12h idle timeouts: a
+#: modality may hold an association open for a whole study transfer).
+BUILTIN_TIMEOUTS = {"connect": 3.0, "client": 12 * 3600.0, "server": 12 * 3600.0, "queue": 30.0, "check": 2.0}
+BUILTIN_CHECK: dict[str, Any] = {
+    "type": "tcp",
+    "inter": 2.0,
+    "fastinter": None,  # falls back to inter
+    "downinter": None,  # falls back to inter
+    "rise": 2,
+    "fall": 3,
+    "jitter": 0.1,
+    "port": None,
+    "method": "GET",
+    "path": "/",
+    "host": None,
+    "expect_status": None,
+    "expect_body": None,
+    "tls_verify": False,
+    "command": None,
+    "error_limit": 3,
+}
+BUILTIN_AGENT: dict[str, Any] = {"port": None, "address": None, "inter": 2.0, "send": None, "enabled": None}
+
+
+def _cascade(builtin: Mapping[str, Any], *layers: BaseModel) -> dict[str, Any]:
+    out = dict(builtin)
+    for layer in layers:
+        for key, value in layer.model_dump().items():
+            if value is not None:
+                out[key] = value
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class ResolvedTimeouts:
+    connect: float
+    client: float
+    server: float
+    queue: float
+    check: float
+
+
+@dataclass(frozen=True, slots=True)
+class ResolvedCheck:
+    type: str
+    inter: float
+    fastinter: float
+    downinter: float
+    rise: int
+    fall: int
+    jitter: float
+    port: int | None
+    method: str
+    path: str
+    host: str | None
+    expect_status: tuple[int, ...] | None
+    expect_body: str | None
+    tls_verify: bool
+    command: str | None
+    error_limit: int
+
+
+@dataclass(frozen=True, slots=True)
+class ResolvedAgent:
+    enabled: bool
+    port: int | None
+    address: str | None
+    inter: float
+    send: str | None
+
+
+def resolve_timeouts(config: Config, backend: BackendConfig, frontend: FrontendConfig | None = None) -> ResolvedTimeouts:
+    layers: list[BaseModel] = [config.defaults.timeouts, backend.timeouts]
+    if frontend is not None:
+        layers.append(Timeouts(client=frontend.timeouts.client))
+    return ResolvedTimeouts(**_cascade(BUILTIN_TIMEOUTS, *layers))
+
+
+def resolve_check(config: Config, backend: BackendConfig, server: ServerConfig) -> ResolvedCheck:
+    merged = _cascade(BUILTIN_CHECK, config.defaults.check, backend.check, server.check)
+    merged["fastinter"] = merged["fastinter"] or merged["inter"]
+    merged["downinter"] = merged["downinter"] or merged["inter"]
+    if merged["expect_status"] is not None:
+        merged["expect_status"] = tuple(merged["expect_status"])
+    return ResolvedCheck(**merged)
+
+
+def resolve_agent(config: Config, backend: BackendConfig, server: ServerConfig) -> ResolvedAgent:
+    merged = _cascade(BUILTIN_AGENT, config.defaults.agent, backend.agent, server.agent)
+    if merged["enabled"] is None:
+        merged["enabled"] = merged["port"] is not None
+    return ResolvedAgent(**merged)
+
+
+def resolve_backend_value(config: Config, backend: BackendConfig, key: str, builtin: Any) -> Any:
+    """``retries``, ``redispatch``, ``maxqueue``, ``slowstart``, ``proxy_protocol``."""
+    value = getattr(backend, key)
+    if value is None:
+        value = getattr(config.defaults, key)
+    return builtin if value is None else value

@@ -1,0 +1,64 @@
+"""The medlb exception tree.
+
+Everything medlb raises on purpose derives from :class:`MedlbError`, so the CLI
+can turn any of them into one clear message and a non-zero exit code instead of
+a traceback::
+
+    MedlbError
+    +-- ConfigError          the configuration is invalid; carries every problem
+    +-- StartupError         a resource could not be acquired (port in use, ...)
+    +-- ProtocolError        a peer sent bytes that break a protocol rule
+        +-- ProxyProtocolError
+
+This module imports nothing from medlb: it sits in the innermost ring.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class MedlbError(Exception):
+    """Base class of every error medlb raises deliberately."""
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigIssue:
+    """One problem in a configuration, with its location.
+
+    ``loc`` uses the dotted/indexed form an operator can follow in the YAML
+    file, e.g. ``backends[1].servers[0].address``.
+    """
+
+    loc: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.loc}: {self.message}" if self.loc else self.message
+
+
+class ConfigError(MedlbError):
+    """The configuration is invalid. ``issues`` lists *all* problems found.
+
+    Reporting every problem at once matters to an operator editing a file over
+    a slow change-control process: one round trip, not one per typo.
+    """
+
+    def __init__(self, issues: list[ConfigIssue], source: str = "") -> None:
+        self.issues = issues
+        self.source = source
+        head = f"{source}: " if source else ""
+        lines = "\n".join(f"  {issue}" for issue in issues)
+        super().__init__(f"{head}{len(issues)} configuration error(s):\n{lines}")
+
+
+class StartupError(MedlbError):
+    """A runtime resource could not be acquired (address in use, no permission)."""
+
+
+class ProtocolError(MedlbError):
+    """A peer violated a protocol rule; the session is closed, the process stays up."""
+
+
+class ProxyProtocolError(ProtocolError):
+    """A PROXY protocol header was malformed."""
