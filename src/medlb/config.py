@@ -315,9 +315,7 @@ def _semantic_issues(raw: Mapping[str, Any]) -> list[ConfigIssue]:
             continue
         target = frontend.get("default_backend")
         if isinstance(target, str) and target not in backend_names:
-            issues.append(
-                ConfigIssue(f"frontends[{f_index}].default_backend", f"backend {target!r} does not exist")
-            )
+            issues.append(ConfigIssue(f"frontends[{f_index}].default_backend", f"backend {target!r} does not exist"))
         bind_list = frontend.get("bind")
         for b_index, bind in enumerate(bind_list if isinstance(bind_list, list) else []):
             if isinstance(bind, str) and not bind.endswith(":0"):
@@ -454,7 +452,9 @@ class ResolvedAgent:
     send: str | None
 
 
-def resolve_timeouts(config: Config, backend: BackendConfig, frontend: FrontendConfig | None = None) -> ResolvedTimeouts:
+def resolve_timeouts(
+    config: Config, backend: BackendConfig, frontend: FrontendConfig | None = None
+) -> ResolvedTimeouts:
     layers: list[BaseModel] = [config.defaults.timeouts, backend.timeouts]
     if frontend is not None:
         layers.append(Timeouts(client=frontend.timeouts.client))

@@ -42,7 +42,7 @@ class Transition:
 class HealthCounter:
     """Consecutive success/failure bookkeeping for one server."""
 
-    __slots__ = ("fall", "failures", "initial", "rise", "state", "successes")
+    __slots__ = ("failures", "fall", "initial", "rise", "state", "successes")
 
     def __init__(self, rise: int, fall: int, state: OpState = OpState.DOWN, initial: bool = True) -> None:
         if rise < 1 or fall < 1:
