@@ -294,20 +294,20 @@ def _semantic_issues(raw: Mapping[str, Any]) -> list[ConfigIssue]:
     """
     issues: list[ConfigIssue] = []
 
-    def names(section: str) -> list[str]:
+    def names(section: str) -> list[tuple[int, str]]:
         items = raw.get(section)
         if not isinstance(items, list):
             return []
-        return [i.get("name") for i in items if isinstance(i, dict) and isinstance(i.get("name"), str)]
+        return [(n, i["name"]) for n, i in enumerate(items) if isinstance(i, dict) and isinstance(i.get("name"), str)]
 
     for section in ("frontends", "backends"):
         seen: set[str] = set()
-        for index, name in enumerate(names(section)):
+        for index, name in names(section):
             if name in seen:
                 issues.append(ConfigIssue(f"{section}[{index}].name", f"duplicate name {name!r}"))
             seen.add(name)
 
-    backend_names = set(names("backends"))
+    backend_names = {name for _, name in names("backends")}
     binds: dict[str, str] = {}
     frontends = raw.get("frontends")
     for f_index, frontend in enumerate(frontends if isinstance(frontends, list) else []):
