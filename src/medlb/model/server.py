@@ -68,7 +68,6 @@ class Server:
         "listeners",
         "maxconn",
         "name",
-        "queued",
         "redispatches",
         "retries",
         "slowstart",
@@ -119,7 +118,6 @@ class Server:
         # counters
         self.cur_sessions = 0
         self.total_sessions = 0
-        self.queued = 0
         self.bytes_in = 0
         self.bytes_out = 0
         self.connect_errors = 0

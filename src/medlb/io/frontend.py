@@ -1,0 +1,228 @@
+"""Frontends and their listeners: accept connections, enforce ``maxconn``.
+
+The accept loop follows trio's ``_highlevel_serve_listeners``: accept in
+batches while the kernel has connections ready, and when the process runs out
+of file descriptors (EMFILE/ENFILE) or memory, log once, pause accepting for a
+moment and carry on; the connections wait in the kernel backlog instead of the
+process dying. When a frontend reaches ``maxconn`` it stops accepting until a
+session ends (HAProxy's behaviour), which keeps memory bounded under a flood.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import socket
+from typing import Protocol
+
+from medlb.config import HostPort, ResolvedTimeouts
+from medlb.errors import StartupError
+from medlb.io.session import TcpSession
+from medlb.model.backend import Backend
+from medlb.model.server import Server
+
+log = logging.getLogger("medlb.frontend")
+
+#: Connections accepted per wake-up before yielding to the loop (fairness
+#: between listeners and sessions under a connection storm).
+ACCEPT_BATCH = 64
+#: Pause after fd/memory exhaustion before accepting again.
+ACCEPT_BACKOFF = 0.1
+_RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+
+class ConnectObserver(Protocol):
+    """Passive observation: live-traffic connect results go to the server's checker."""
+
+    def report_connect_error(self, server: Server) -> None: ...
+
+    def report_connect_ok(self, server: Server) -> None: ...
+
+
+class NullObserver:
+    def report_connect_error(self, server: Server) -> None:
+        pass
+
+    def report_connect_ok(self, server: Server) -> None:
+        pass
+
+
+def open_listener(address: HostPort, backlog: int) -> socket.socket:
+    """Bind a listening socket; raise :class:`StartupError` with a clear message."""
+    try:
+        infos = socket.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise StartupError(f"cannot bind {address}: cannot resolve {address.host!r} ({exc.strerror})") from None
+    family, _, _, _, sockaddr = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(sockaddr)
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise StartupError(f"cannot bind {address}: address already in use") from None
+        if exc.errno == errno.EACCES:
+            raise StartupError(f"cannot bind {address}: permission denied (ports below 1024 need root)") from None
+        raise StartupError(f"cannot bind {address}: {exc.strerror}") from None
+    return sock
+
+
+class Listener:
+    """One bound socket of a frontend."""
+
+    __slots__ = ("_active", "_backoff", "frontend", "loop", "sock")
+
+    def __init__(self, frontend: Frontend, sock: socket.socket) -> None:
+        self.frontend = frontend
+        self.loop = frontend.loop
+        self.sock = sock
+        self._active = False
+        self._backoff: asyncio.TimerHandle | None = None
+
+    @property
+    def address(self) -> tuple[str, int]:
+        name = self.sock.getsockname()
+        return (name[0], name[1])
+
+    def resume(self) -> None:
+        if not self._active and self.sock.fileno() >= 0:
+            self._active = True
+            self.loop.add_reader(self.sock.fileno(), self._accept)
+
+    def pause(self) -> None:
+        if self._active:
+            self._active = False
+            self.loop.remove_reader(self.sock.fileno())
+
+    def close(self) -> None:
+        self.pause()
+        if self._backoff is not None:
+            self._backoff.cancel()
+            self._backoff = None
+        self.sock.close()
+
+    def _resume_after_backoff(self) -> None:
+        self._backoff = None
+        if not self.frontend.full:
+            self.resume()
+
+    def _accept(self) -> None:
+        frontend = self.frontend
+        accept = self.sock.accept
+        for _ in range(ACCEPT_BATCH):
+            try:
+                conn, addr = accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except ConnectionAbortedError:
+                continue
+            except OSError as exc:
+                if exc.errno in _RESOURCE_ERRNOS:
+                    log.error(
+                        "frontend %s: cannot accept (%s); pausing %.0f ms",
+                        frontend.name,
+                        exc.strerror,
+                        1e3 * ACCEPT_BACKOFF,
+                    )
+                    self.pause()
+                    self._backoff = self.loop.call_later(ACCEPT_BACKOFF, self._resume_after_backoff)
+                    return
+                log.warning("frontend %s: accept failed: %s", frontend.name, exc.strerror)
+                return
+            conn.setblocking(False)
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            frontend.accepted(conn, addr)
+            if frontend.full:
+                return
+
+
+class Frontend:
+    """A named entry point: listeners, limits, and the backend it feeds."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        name: str,
+        backend: Backend,
+        *,
+        maxconn: int,
+        timeouts: ResolvedTimeouts,
+        observer: ConnectObserver | None = None,
+        proxy_protocol: str = "none",
+        splice: bool = True,
+        log_sessions: bool = True,
+    ) -> None:
+        self.loop = loop
+        self.name = name
+        self.backend = backend
+        self.maxconn = maxconn
+        self.timeouts = timeouts
+        # One idle limit for the session: a relay moves bytes both ways, so idleness
+        # of either side is idleness of the session (see docs/configuration.md).
+        self.idle_timeout = min(timeouts.client, timeouts.server)
+        self.observer: ConnectObserver = observer or NullObserver()
+        self.proxy_protocol = proxy_protocol
+        self.splice = splice
+        self.log_sessions = log_sessions
+        self.listeners: list[Listener] = []
+        self.sessions: set[TcpSession] = set()
+        self.total_sessions = 0
+        self.stopping = False
+        self.idle_event = asyncio.Event()
+        self.idle_event.set()
+
+    @property
+    def cur_sessions(self) -> int:
+        return len(self.sessions)
+
+    @property
+    def full(self) -> bool:
+        return len(self.sessions) >= self.maxconn
+
+    def add_listener(self, sock: socket.socket) -> Listener:
+        listener = Listener(self, sock)
+        self.listeners.append(listener)
+        listener.resume()
+        return listener
+
+    def accepted(self, conn: socket.socket, addr: tuple[str, int]) -> None:
+        session = TcpSession(self, conn, addr)
+        self.sessions.add(session)
+        self.total_sessions += 1
+        self.backend.total_sessions += 1
+        self.backend.cur_sessions += 1
+        self.idle_event.clear()
+        if self.full:
+            for listener in self.listeners:
+                listener.pause()
+        session.start()
+
+    def session_ended(self, session: TcpSession) -> None:
+        sessions = self.sessions
+        was_full = len(sessions) >= self.maxconn
+        sessions.discard(session)
+        self.backend.cur_sessions -= 1
+        if was_full and not self.stopping and len(sessions) < self.maxconn:
+            for listener in self.listeners:
+                listener.resume()
+        if not sessions:
+            self.idle_event.set()
+
+    def close_listeners(self) -> None:
+        """Stop accepting (graceful stop, first step); sessions keep running."""
+        self.stopping = True
+        for listener in self.listeners:
+            listener.close()
+
+    def abort_sessions(self, cause: str) -> int:
+        """Close every session now (hard stop). Returns how many were closed."""
+        sessions = list(self.sessions)
+        for session in sessions:
+            session.abort(cause)
+        return len(sessions)
