@@ -154,6 +154,13 @@ class Timeouts(_Strict):
     check: Duration | None = None
 
 
+class FrontendTimeouts(_Strict):
+    """A frontend may only set the client-side idle timeout; the rest belongs to
+    the backend it feeds (HAProxy's split)."""
+
+    client: Duration | None = None
+
+
 class CheckSettings(_Strict):
     """Health check settings; any level may set any key, inner levels win."""
 
@@ -233,7 +240,7 @@ class FrontendConfig(_Strict):
     maxconn: Annotated[int, Field(ge=1)] = 10000
     backlog: Annotated[int, Field(ge=1)] = 1024
     default_backend: Name
-    timeouts: Timeouts = Timeouts()
+    timeouts: FrontendTimeouts = FrontendTimeouts()
 
 
 class GlobalConfig(_Strict):
@@ -457,7 +464,7 @@ def resolve_timeouts(
 ) -> ResolvedTimeouts:
     layers: list[BaseModel] = [config.defaults.timeouts, backend.timeouts]
     if frontend is not None:
-        layers.append(Timeouts(client=frontend.timeouts.client))
+        layers.append(frontend.timeouts)
     return ResolvedTimeouts(**_cascade(BUILTIN_TIMEOUTS, *layers))
 
 

@@ -98,9 +98,7 @@ async def lab(
     timeouts: ResolvedTimeouts = TIMEOUTS,
 ) -> AsyncIterator[Lab]:
     loop = asyncio.get_running_loop()
-    backend = Backend(
-        "pool", servers, make_balancer(balance), BackendPolicy(retries, redispatch, maxqueue), loop.time
-    )
+    backend = Backend("pool", servers, make_balancer(balance), BackendPolicy(retries, redispatch, maxqueue), loop.time)
     errors: list[Server] = []
 
     class Observer:
@@ -110,9 +108,7 @@ async def lab(
         def report_connect_ok(self, server: Server) -> None:
             pass
 
-    frontend = Frontend(
-        loop, "fe", backend, maxconn=maxconn, timeouts=timeouts, observer=Observer(), splice=splice
-    )
+    frontend = Frontend(loop, "fe", backend, maxconn=maxconn, timeouts=timeouts, observer=Observer(), splice=splice)
     listener = frontend.add_listener(open_listener(HostPort("127.0.0.1", 0), 128))
     try:
         yield Lab(frontend, backend, listener.address[1], errors)
@@ -143,7 +139,7 @@ async def roundtrip(port: int, payload: bytes) -> tuple[bytes, bytes]:
     return greeting, rest
 
 
-async def read_all_or_reset(port: int, timeout: float = 2.0) -> bytes:
+async def read_all_or_reset(port: int, wait: float = 2.0) -> bytes:
     """Everything the balancer sends before closing, or ``b"reset"`` on a RST
     (which may come so fast that it already fails the connect)."""
     try:
@@ -151,7 +147,7 @@ async def read_all_or_reset(port: int, timeout: float = 2.0) -> bytes:
     except ConnectionError:
         return b"reset"
     try:
-        return await asyncio.wait_for(reader.read(), timeout)
+        return await asyncio.wait_for(reader.read(), wait)
     except ConnectionError:
         return b"reset"
     finally:
@@ -199,7 +195,7 @@ def test_backpressure_bounds_buffering(run: Runner) -> None:
         _OPEN_SERVERS.append(srv)
         port = srv.sockets[0].getsockname()[1]
         async with lab([up_server("s1", port)]) as env:
-            reader, writer = await asyncio.open_connection("127.0.0.1", env.port)
+            _reader, writer = await asyncio.open_connection("127.0.0.1", env.port)
             sent = 0
             chunk = b"x" * 65536
             with contextlib.suppress(TimeoutError):
@@ -222,9 +218,7 @@ def test_roundrobin_spreads_by_weight(run: Runner) -> None:
         ports = [await e.start() for e in echoes]
         servers = [up_server("a", ports[0], weight=1), up_server("b", ports[1], weight=3)]
         async with lab(servers) as env:
-            seen = [
-                (await roundtrip(env.port, b""))[0].decode().strip() for _ in range(8)
-            ]
+            seen = [(await roundtrip(env.port, b""))[0].decode().strip() for _ in range(8)]
             assert seen.count("a") == 2 and seen.count("b") == 6
 
     run(main())

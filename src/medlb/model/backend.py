@@ -154,8 +154,11 @@ class Backend:
         if exclude:
             candidates = [s for s in usable if not s.full and s not in exclude]
             if not candidates:
-                # Every other server failed too: retrying a failed one beats refusing.
-                candidates = [s for s in usable if not s.full]
+                # Every server of the tier failed this session: try the backups
+                # next, and only then retry one that failed (better than refusing).
+                candidates = [s for s in self.servers if s.backup and s.usable and not s.full and s not in exclude] or [
+                    s for s in usable if not s.full
+                ]
         else:
             candidates = [s for s in usable if not s.full]
         if not candidates:

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Install the Debian packages medlb's tests and benchmarks use, only when missing.
+# Real peers, never mocks: HAProxy is the balancer to beat, iperf3/wrk/nginx load
+# and serve the benchmarks. Later modes add their peers (dcmtk, orthanc, ...) here.
+set -euo pipefail
+
+# binary -> Debian package
+declare -A NEED=(
+  [haproxy]=haproxy
+  [iperf3]=iperf3
+  [wrk]=wrk
+  [nginx]=nginx
+  [ps]=procps
+  [ss]=iproute2
+)
+
+missing=()
+for bin in "${!NEED[@]}"; do
+  if ! command -v "$bin" >/dev/null 2>&1 && [ ! -x "/usr/sbin/$bin" ]; then
+    missing+=("${NEED[$bin]}")
+  fi
+done
+
+if [ "${#missing[@]}" -eq 0 ]; then
+  echo "install-deps: all Debian packages present"
+  exit 0
+fi
+
+if [ "$(id -u)" -ne 0 ]; then
+  echo "install-deps: missing packages (${missing[*]}); run as root or install them: apt-get install ${missing[*]}" >&2
+  exit 1
+fi
+
+echo "install-deps: installing ${missing[*]}"
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+# Debian starts nginx and haproxy as services on install; the tests run their own.
+for svc in nginx haproxy; do
+  if command -v systemctl >/dev/null 2>&1; then systemctl stop "$svc" >/dev/null 2>&1 || true; fi
+  if command -v service >/dev/null 2>&1; then service "$svc" stop >/dev/null 2>&1 || true; fi
+done
+echo "install-deps: done"

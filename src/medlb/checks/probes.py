@@ -1,0 +1,393 @@
+"""In-process health probes: one TCP connect or one HTTP(S) exchange, as a verdict.
+
+Why in-process: a load balancer in front of a hospital's PACS checks dozens of
+servers every couple of seconds; a process (or a thread) per check would cost
+more than the traffic it protects. Each probe here is one coroutine on the
+worker's event loop.
+
+Contract of every probe:
+
+- the *whole* probe (resolution, connect, TLS handshake, request, response) is
+  bounded by one ``timeout``, enforced with :func:`asyncio.timeout`;
+- the socket is closed in ``finally``, whatever happened;
+- the result is a :class:`ProbeResult` with a short text an operator can read in
+  a status page ("L4OK in 1ms", "connection refused", "HTTP 503 (expected
+  200-399)", "timeout after 2s"); a probe never raises, except
+  :class:`asyncio.CancelledError`, which always propagates.
+
+The HTTP response is read into a bounded buffer (64 KiB) and parsed by the pure
+function :func:`parse_http_response`, which is unit tested on its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import ipaddress
+import re
+import socket
+import ssl
+from dataclasses import dataclass
+
+__all__ = [
+    "MAX_HTTP_RESPONSE",
+    "ProbeResult",
+    "describe_error",
+    "format_duration",
+    "http_probe",
+    "http_response_complete",
+    "parse_http_response",
+    "tcp_probe",
+]
+
+#: Most bytes of an HTTP check response we read. A health page is small; a
+#: server that answers a check with a DICOM study must not make us buffer it.
+MAX_HTTP_RESPONSE = 64 * 1024
+
+#: Longest error text kept in a result (status pages show one line).
+_MAX_TEXT = 200
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeResult:
+    """The verdict of one probe: ``ok`` and a short text for humans."""
+
+    ok: bool
+    text: str
+
+
+# -- text helpers -------------------------------------------------------------------
+
+
+def format_duration(seconds: float) -> str:
+    """``0.0123`` -> ``"12ms"``, ``2.0`` -> ``"2s"``, ``2.5`` -> ``"2.5s"``."""
+    if seconds < 1.0:
+        return f"{max(round(seconds * 1000), 0)}ms"
+    return f"{seconds:.3g}s"
+
+
+_ERRNO_TEXT = {
+    ConnectionRefusedError: "connection refused",
+    ConnectionResetError: "connection reset by peer",
+    ConnectionAbortedError: "connection aborted",
+    BrokenPipeError: "connection closed by peer",
+}
+
+
+def describe_error(exc: BaseException) -> str:
+    """One short lower-case line for a probe failure (no traceback, no repr noise)."""
+    for kind, text in _ERRNO_TEXT.items():
+        if isinstance(exc, kind):
+            return text
+    if isinstance(exc, socket.gaierror):
+        return f"cannot resolve host: {exc.strerror or exc}"
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"TLS certificate rejected: {exc.verify_message or exc.reason or exc}"[:_MAX_TEXT]
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS error: {exc.reason or exc}"[:_MAX_TEXT]
+    if isinstance(exc, asyncio.IncompleteReadError):
+        return "connection closed by peer"
+    if isinstance(exc, OSError):
+        # asyncio joins the errors of several addresses into one OSError without errno.
+        text = exc.strerror or str(exc) or type(exc).__name__
+        return text[:1].lower() + text[1:_MAX_TEXT]
+    text = str(exc)
+    return (f"{type(exc).__name__}: {text}" if text else type(exc).__name__)[:_MAX_TEXT]
+
+
+def _timeout_text(timeout: float) -> str:
+    return f"timeout after {format_duration(timeout)}"
+
+
+def _close(writer: asyncio.StreamWriter | None, *, tls: bool = False) -> None:
+    """Close without waiting: a probe's verdict must not wait for the peer's FIN.
+
+    TLS is aborted rather than closed: an orderly close waits for the peer's
+    close_notify (up to 30 s in asyncio), which would keep a socket per check
+    alive for nothing.
+    """
+    if writer is None:
+        return
+    if tls:
+        writer.transport.abort()
+    else:
+        writer.close()
+
+
+# -- TCP ------------------------------------------------------------------------
+
+
+async def tcp_probe(host: str, port: int, timeout: float) -> ProbeResult:  # noqa: ASYNC109 - the deadline is part of the verdict
+    """Layer-4 check: connect, then close. OK means the server accepts connections."""
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    writer: asyncio.StreamWriter | None = None
+    try:
+        async with asyncio.timeout(timeout):
+            _, writer = await asyncio.open_connection(host, port)
+        return ProbeResult(True, f"L4OK in {format_duration(loop.time() - start)}")
+    except TimeoutError:
+        return ProbeResult(False, _timeout_text(timeout))
+    except Exception as exc:
+        return ProbeResult(False, describe_error(exc))
+    finally:
+        _close(writer)
+
+
+# -- HTTP response parsing (pure) ---------------------------------------------------
+
+_STATUS_LINE = re.compile(rb"HTTP/1\.[0-9] ([1-5][0-9][0-9])(?:[ \t][^\r\n]*)?")
+_HEX = re.compile(rb"[0-9A-Fa-f]{1,16}")
+
+
+@dataclass(frozen=True, slots=True)
+class _Parsed:
+    status: int
+    body: bytes
+    complete: bool
+
+
+def _head_end(data: bytes, start: int) -> tuple[int, int] | None:
+    """(end of head, start of body); accepts bare LF line ends like most clients."""
+    crlf = data.find(b"\r\n\r\n", start)
+    lf = data.find(b"\n\n", start)
+    candidates = [(crlf, crlf + 4)] if crlf >= 0 else []
+    if lf >= 0:
+        candidates.append((lf, lf + 2))
+    return min(candidates) if candidates else None
+
+
+def _dechunk(data: bytes) -> tuple[bytes, bool]:
+    """Decode a chunked body as far as ``data`` goes; (body, saw the last chunk).
+
+    Only slices what is present: an announced chunk size never allocates.
+    """
+    out = bytearray()
+    pos = 0
+    while True:
+        eol = data.find(b"\n", pos)
+        if eol < 0:
+            return bytes(out), False
+        size_text = data[pos:eol].rstrip(b"\r").split(b";", 1)[0].strip(b" \t")
+        if not _HEX.fullmatch(size_text):
+            raise ValueError("malformed chunk size")
+        size = int(size_text, 16)
+        pos = eol + 1
+        if size == 0:
+            return bytes(out), True  # trailers, if any, do not matter to a check
+        chunk = data[pos : pos + size]
+        out += chunk
+        if len(chunk) < size:
+            return bytes(out), False
+        pos += size
+        if data.startswith(b"\r\n", pos):
+            pos += 2
+        elif data.startswith(b"\n", pos):
+            pos += 1
+        elif pos < len(data):
+            raise ValueError("missing CRLF after chunk")
+
+
+def _parse(data: bytes, head_request: bool = False) -> _Parsed | None:
+    """Parse a response; None while the head is incomplete; ValueError when malformed."""
+    start = 0
+    while True:
+        if not data.startswith(b"HTTP/"[: len(data) - start], start):
+            raise ValueError("not an HTTP response")
+        bounds = _head_end(data, start)
+        if bounds is None:
+            return None
+        head_end, body_start = bounds
+        lines = data[start:head_end].split(b"\n")
+        status_line = lines[0].rstrip(b"\r")
+        match = _STATUS_LINE.fullmatch(status_line)
+        if match is None:
+            raise ValueError(f"malformed status line {status_line[:60]!r}")
+        status = int(match.group(1))
+        if 100 <= status < 200 and status != 101:
+            start = body_start  # interim response (100 Continue, 103 Early Hints): skip
+            continue
+        length: int | None = None
+        chunked = False
+        for raw in lines[1:]:
+            line = raw.rstrip(b"\r")
+            name, sep, value = line.partition(b":")
+            if not sep or not name or name != name.strip():
+                raise ValueError(f"malformed header line {line[:60]!r}")
+            key = name.lower()
+            if key == b"content-length":
+                text = value.strip()
+                if not text.isdigit() or len(text) > 18:
+                    raise ValueError("malformed Content-Length")
+                length = int(text)
+            elif key == b"transfer-encoding":
+                chunked = value.strip().lower().endswith(b"chunked")
+        rest = data[body_start:]
+        if head_request or status in (101, 204, 304):
+            return _Parsed(status, b"", True)
+        if chunked:
+            body, complete = _dechunk(rest)
+            return _Parsed(status, body, complete)
+        if length is not None:
+            return _Parsed(status, rest[:length], len(rest) >= length)
+        return _Parsed(status, rest, False)  # delimited by close
+
+
+def parse_http_response(data: bytes) -> tuple[int, bytes]:
+    """Status code and body of an HTTP/1.x response held (possibly truncated) in ``data``.
+
+    Lenient where real servers are sloppy (bare LF line ends, a missing reason
+    phrase, a truncated body: the body is what arrived); strict about what the
+    verdict depends on: a response that is not HTTP, a malformed status line or
+    header, or a head that never ended raises :class:`ValueError`. Interim 1xx
+    responses are skipped; a chunked body is decoded; ``Content-Length`` trims
+    trailing bytes.
+    """
+    parsed = _parse(data)
+    if parsed is None:
+        raise ValueError("incomplete response head")
+    return parsed.status, parsed.body
+
+
+def http_response_complete(data: bytes, *, head_request: bool = False, need_body: bool = True) -> bool:
+    """True when reading more cannot change the verdict on ``data``.
+
+    Lets the probe stop at the end of a response even if the server ignores
+    ``Connection: close``, and stop after the head when the body does not matter.
+    A malformed response is "complete": more bytes would not repair it.
+    """
+    try:
+        parsed = _parse(data, head_request)
+    except ValueError:
+        return True
+    if parsed is None:
+        return False
+    return parsed.complete or not need_body
+
+
+# -- HTTP probe -------------------------------------------------------------------
+
+
+@functools.cache
+def _tls_context(verify: bool) -> ssl.SSLContext:
+    """One client context per verification mode (loading the CA store costs ms)."""
+    ctx = ssl.create_default_context()
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if not verify:
+        # A check proves the service answers; most imaging servers use private CAs.
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _default_host_header(host: str, port: int, tls: bool) -> str:
+    name = f"[{host}]" if ":" in host else host
+    return name if port == (443 if tls else 80) else f"{name}:{port}"
+
+
+def _sni_from_host_header(host_header: str) -> str | None:
+    """The name to send in SNI (and verify against): the Host header without its port."""
+    if host_header.startswith("["):
+        return None  # an IPv6 literal: no SNI
+    name, sep, port = host_header.rpartition(":")
+    if not sep or not port.isdigit():
+        name = host_header
+    return None if not name or _is_ip(name) else name
+
+
+def _expected_text(expect_status: tuple[int, ...] | None) -> str:
+    if expect_status is None:
+        return "200-399"
+    shown = ", ".join(str(code) for code in expect_status[:6])
+    return shown + (", ..." if len(expect_status) > 6 else "")
+
+
+async def http_probe(
+    host: str,
+    port: int,
+    *,
+    tls: bool = False,
+    method: str = "GET",
+    path: str = "/",
+    host_header: str | None = None,
+    expect_status: tuple[int, ...] | None = None,
+    expect_body: str | None = None,
+    timeout: float = 2.0,  # noqa: ASYNC109 - the deadline is part of the verdict
+    tls_verify: bool = False,
+) -> ProbeResult:
+    """Layer-7 check: one HTTP/1.1 request with ``Connection: close``.
+
+    OK when the status is in ``expect_status`` (any 2xx/3xx when None, as
+    HAProxy's ``option httpchk``) and, if ``expect_body`` is set, the first
+    64 KiB of the body contain it. ``host_header`` also names the TLS server
+    (SNI, and the name verified when ``tls_verify``).
+    """
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    if host_header is None:
+        host_header = _default_host_header(host, port, tls)
+    request = (
+        f"{method} {path} HTTP/1.1\r\n"
+        f"Host: {host_header}\r\n"
+        "User-Agent: medlb-check\r\n"
+        "Accept: */*\r\n"
+        "Connection: close\r\n"
+        "\r\n"
+    ).encode("latin-1", "replace")
+    head_request = method == "HEAD"
+    need_body = expect_body is not None
+    writer: asyncio.StreamWriter | None = None
+    data = bytearray()
+    try:
+        async with asyncio.timeout(timeout):
+            if tls:
+                # SNI from the Host header; with no name, verify against the address itself
+                # (None: asyncio uses ``host``) or, unverified, send no SNI at all ("").
+                sni = _sni_from_host_header(host_header)
+                if sni is None:
+                    sni = None if tls_verify else ""
+                reader, writer = await asyncio.open_connection(
+                    host, port, ssl=_tls_context(tls_verify), server_hostname=sni
+                )
+            else:
+                reader, writer = await asyncio.open_connection(host, port)
+            writer.write(request)
+            await writer.drain()
+            while len(data) < MAX_HTTP_RESPONSE:
+                chunk = await reader.read(MAX_HTTP_RESPONSE - len(data))
+                if not chunk:
+                    break
+                data += chunk
+                if http_response_complete(bytes(data), head_request=head_request, need_body=need_body):
+                    break
+    except TimeoutError:
+        return ProbeResult(False, _timeout_text(timeout))
+    except Exception as exc:
+        return ProbeResult(False, describe_error(exc))
+    finally:
+        _close(writer, tls=tls)
+
+    elapsed = format_duration(loop.time() - start)
+    if not data:
+        return ProbeResult(False, "empty response")
+    try:
+        parsed = _parse(bytes(data), head_request)
+        if parsed is None:
+            raise ValueError("incomplete response head")
+    except ValueError as exc:
+        return ProbeResult(False, f"invalid HTTP response: {exc}")
+    status = parsed.status
+    status_ok = 200 <= status < 400 if expect_status is None else status in expect_status
+    if not status_ok:
+        return ProbeResult(False, f"HTTP {status} (expected {_expected_text(expect_status)})")
+    if expect_body is not None and expect_body.encode("utf-8") not in parsed.body:
+        return ProbeResult(False, f"HTTP {status} but body lacks {expect_body[:40]!r}")
+    return ProbeResult(True, f"L7OK HTTP {status} in {elapsed}")

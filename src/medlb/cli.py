@@ -1,0 +1,121 @@
+"""The ``medlb`` command: ``run``, ``check``, ``demo``.
+
+Exit codes a script can rely on:
+
+- 0: success (``check``: the config is valid; ``run``: stopped cleanly);
+- 1: a runtime error (a port in use, a missing permission);
+- 2: the configuration is invalid (every error is printed with its location).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+
+from medlb import __version__
+from medlb.config import Config, format_duration, load_config
+from medlb.errors import ConfigError, MedlbError
+
+EXIT_OK = 0
+EXIT_RUNTIME = 1
+EXIT_CONFIG = 2
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def summarize(config: Config) -> str:
+    """One line an operator can eyeball after ``medlb check``."""
+    servers = sum(len(b.servers) for b in config.backends)
+    fronts = ", ".join(f"{f.name} ({f.mode} {' '.join(str(b) for b in f.bind)})" for f in config.frontends)
+    return (
+        f"configuration valid: {len(config.frontends)} frontend(s) [{fronts}], "
+        f"{len(config.backends)} backend(s), {servers} server(s), "
+        f"hard_stop_after {format_duration(config.global_.hard_stop_after)}"
+    )
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_CONFIG
+    print(summarize(config))
+    return EXIT_OK
+
+
+def run_config(config: Config, *, log_sessions: bool = True) -> int:
+    from medlb.supervisor import Supervisor, new_event_loop
+
+    async def main() -> int:
+        return await Supervisor(config, log_sessions=log_sessions).run()
+
+    with asyncio.Runner(loop_factory=new_event_loop(config.global_.loop)) as runner:
+        return runner.run(main())
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_CONFIG
+    setup_logging(args.log_level or config.global_.log_level)
+    try:
+        return run_config(config, log_sessions=not args.no_session_log)
+    except MedlbError as exc:
+        logging.getLogger("medlb").error("%s", exc)
+        return EXIT_RUNTIME
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from medlb.demo import run_demo
+
+    setup_logging(args.log_level or "info")
+    try:
+        return run_demo(host=args.host, port=args.port)
+    except MedlbError as exc:
+        logging.getLogger("medlb").error("%s", exc)
+        return EXIT_RUNTIME
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="medlb", description="A load balancer for medical imaging.")
+    parser.add_argument("--version", action="version", version=f"medlb {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the balancer in the foreground")
+    run.add_argument("-c", "--config", required=True, help="YAML configuration file")
+    run.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="override global.log_level")
+    run.add_argument("--no-session-log", action="store_true", help="do not log one line per session")
+    run.set_defaults(func=_cmd_run)
+
+    check = sub.add_parser("check", help="validate a configuration without running it")
+    check.add_argument("-c", "--config", required=True, help="YAML configuration file")
+    check.set_defaults(func=_cmd_check)
+
+    demo = sub.add_parser("demo", help="run a self-contained lab of demo backends behind medlb on loopback")
+    demo.add_argument("--host", default="127.0.0.1")
+    demo.add_argument("--port", type=int, default=7000, help="the demo frontend's port")
+    demo.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    demo.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    code: int = args.func(args)
+    return code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

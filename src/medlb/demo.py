@@ -1,0 +1,122 @@
+"""``medlb demo``: a self-contained lab on loopback.
+
+Three demo backend servers (each greets with its own name, then echoes what it
+receives) behind a medlb frontend with health checks, so an engineer can see
+balancing, health checking and failover without any real PACS. Later modes
+(HTTP, DICOM, HL7) add their own demo backends here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+from medlb.config import Config, parse_config
+from medlb.errors import StartupError
+
+log = logging.getLogger("medlb.demo")
+
+
+class DemoEchoServer:
+    """Greets each client with ``served by NAME`` and echoes its bytes back."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.connections = 0
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            writer.write(f"medlb demo: served by {self.name}\n".encode())
+            await writer.drain()
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+
+
+def demo_config(host: str, port: int) -> tuple[Config, list[tuple[str, int]]]:
+    """The built-in config: the issue's contract example, pointed at the demo servers."""
+    servers = [("s1", port + 101), ("s2", port + 102), ("s3", port + 103)]
+    raw: dict[str, Any] = {
+        "defaults": {
+            "timeouts": {"connect": "3s", "client": "12h", "server": "12h", "queue": "30s", "check": "2s"},
+            "check": {"inter": "2s", "fastinter": "500ms", "downinter": "5s", "rise": 2, "fall": 3},
+            "retries": 2,
+            "redispatch": True,
+        },
+        "frontends": [
+            {"name": "demo", "mode": "tcp", "bind": [f"{host}:{port}"], "maxconn": 10000, "default_backend": "pool"}
+        ],
+        "backends": [
+            {
+                "name": "pool",
+                "balance": "roundrobin",
+                "check": {"type": "tcp"},
+                "servers": [
+                    {"name": "s1", "address": f"{host}:{servers[0][1]}"},
+                    {"name": "s2", "address": f"{host}:{servers[1][1]}", "weight": 2, "maxconn": 500},
+                    {"name": "s3", "address": f"{host}:{servers[2][1]}", "backup": True},
+                ],
+            }
+        ],
+    }
+    return parse_config(raw, "<demo>"), servers
+
+
+def banner(host: str, port: int, servers: list[tuple[str, int]]) -> str:
+    listing = "\n".join(f"    {name}  {host}:{p}" for name, p in servers)
+    return f"""
+medlb demo is running.
+
+  frontend demo (tcp) on {host}:{port} -> backend pool (roundrobin, tcp checks every 2s)
+{listing}
+    (s2 has weight 2; s3 is a backup that serves only when s1 and s2 are down)
+
+Try:
+  python3 -c "import socket; print(socket.create_connection(('{host}', {port})).recv(64).decode())"
+      run it a few times: s1, s2, s2, s1, ... (smooth weighted round robin)
+  bash -c 'exec 3<>/dev/tcp/{host}/{port}; head -1 <&3'
+
+Stop with Ctrl-C.
+"""
+
+
+async def _demo_main(host: str, port: int) -> int:
+    from medlb.supervisor import Supervisor
+
+    config, servers = demo_config(host, port)
+    started: list[asyncio.Server] = []
+    try:
+        for name, server_port in servers:
+            echo = DemoEchoServer(name)
+            try:
+                started.append(await asyncio.start_server(echo.handle, host, server_port))
+            except OSError as exc:
+                raise StartupError(f"demo backend {name} cannot bind {host}:{server_port}: {exc.strerror}") from None
+        supervisor = Supervisor(config)
+        task = asyncio.create_task(supervisor.run(), name="supervisor")
+        started_wait = asyncio.create_task(supervisor.started.wait())
+        await asyncio.wait({task, started_wait}, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            started_wait.cancel()
+            return task.result()
+        print(banner(host, port, servers), flush=True)
+        return await task
+    finally:
+        for server in started:
+            server.close()
+
+
+def run_demo(host: str = "127.0.0.1", port: int = 7000) -> int:
+    from medlb.supervisor import new_event_loop
+
+    with asyncio.Runner(loop_factory=new_event_loop("auto")) as runner:
+        return runner.run(_demo_main(host, port))

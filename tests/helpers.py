@@ -1,0 +1,161 @@
+"""Helpers for end-to-end tests: real ``medlb run`` processes and small
+threaded TCP backends on loopback."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import socketserver
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class _Handler(socketserver.BaseRequestHandler):
+    server: Backend
+
+    def handle(self) -> None:
+        backend = self.server
+        with backend.lock:
+            backend.accepted += 1
+        sock: socket.socket = self.request
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            sock.sendall(f"{backend.name}\n".encode())
+            while data := sock.recv(65536):
+                sock.sendall(data)
+        except OSError:
+            pass
+
+
+class Backend(socketserver.ThreadingTCPServer):
+    """Greets with its name, then echoes. Counts accepted connections (a health
+    check connection counts too)."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, name: str, port: int = 0) -> None:
+        super().__init__(("127.0.0.1", port), _Handler)
+        self.name = name
+        self.lock = threading.Lock()
+        self.accepted = 0
+        self.thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self.thread.start()
+
+    @property
+    def port(self) -> int:
+        port: int = self.server_address[1]
+        return port
+
+    def stop(self) -> None:
+        self.shutdown()
+        self.server_close()
+
+
+class Medlb:
+    """A ``medlb run`` subprocess with its stderr collected in a file."""
+
+    def __init__(self, config: dict[str, Any], tmp: Path) -> None:
+        self.config_path = tmp / "medlb.yaml"
+        self.config_path.write_text(yaml.safe_dump(config))
+        self.log_path = tmp / "medlb.log"
+        self._log = self.log_path.open("w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "medlb", "run", "-c", str(self.config_path), "--log-level", "info"],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    @property
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def wait_for_log(self, text: str, timeout: float = 10.0) -> float:
+        """Wait until ``text`` appears in the log; return the monotonic time it was seen."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if text in self.log:
+                return time.monotonic()
+            if self.proc.poll() is not None:
+                raise AssertionError(f"medlb exited with {self.proc.returncode}:\n{self.log}")
+            time.sleep(0.02)
+        raise AssertionError(f"{text!r} not in log after {timeout}s:\n{self.log}")
+
+    def signal(self, sig: int = signal.SIGTERM) -> None:
+        self.proc.send_signal(sig)
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
+        self._log.close()
+        return self.proc.returncode
+
+
+@contextlib.contextmanager
+def running_medlb(config: dict[str, Any], tmp: Path, ready: str = "medlb started") -> Iterator[Medlb]:
+    lb = Medlb(config, tmp)
+    try:
+        lb.wait_for_log(ready)
+        yield lb
+    finally:
+        lb.stop()
+
+
+def tcp_config(port: int, servers: list[dict[str, Any]], **backend: Any) -> dict[str, Any]:
+    """A one-frontend, one-backend config with fast checks for tests."""
+    b: dict[str, Any] = {"name": "pool", "balance": "roundrobin", "check": {"type": "tcp"}, "servers": servers}
+    b.update(backend)
+    return {
+        "global": {"hard_stop_after": "5s"},
+        "defaults": {
+            "timeouts": {"connect": "1s", "client": "1m", "server": "1m", "queue": "5s", "check": "500ms"},
+            "check": {"inter": "200ms", "fastinter": "100ms", "downinter": "300ms", "rise": 2, "fall": 2},
+            "retries": 2,
+            "redispatch": True,
+        },
+        "frontends": [{"name": "fe", "bind": [f"127.0.0.1:{port}"], "default_backend": "pool"}],
+        "backends": [b],
+    }
+
+
+def greet(port: int, timeout: float = 5.0) -> str:
+    """Connect through medlb and return the first line the server sends."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = s.recv(64)
+            if not chunk:
+                break
+            data += chunk
+        return data.decode().strip()
+
+
+def wait_until(predicate: Any, timeout: float = 10.0, interval: float = 0.02) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(interval)
+    raise AssertionError("condition not met in time")

@@ -1,0 +1,95 @@
+"""``medlb check`` and ``medlb run`` as an operator meets them: exit codes and messages."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from medlb.cli import EXIT_CONFIG, EXIT_OK, EXIT_RUNTIME
+from tests.helpers import Backend, free_port, greet, running_medlb, tcp_config
+from tests.test_config import CONTRACT
+
+
+def medlb(*args: str, timeout: float = 20) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "medlb", *args], capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+def test_check_accepts_the_contract_example(tmp_path: Path) -> None:
+    path = tmp_path / "ok.yaml"
+    path.write_text(CONTRACT)
+    result = medlb("check", "-c", str(path))
+    assert result.returncode == EXIT_OK, result.stderr
+    assert result.stdout.startswith("configuration valid: 1 frontend(s) [raw (tcp 127.0.0.1:7000)]")
+    assert "3 server(s)" in result.stdout
+
+
+def test_check_lists_every_error_with_its_location(tmp_path: Path) -> None:
+    raw = yaml.safe_load(CONTRACT)
+    raw["backends"][0]["servers"][1]["address"] = "pacs2"
+    raw["backends"][0]["servers"][2]["wieght"] = 3
+    raw["frontends"][0]["default_backend"] = "archive"
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    result = medlb("check", "-c", str(path))
+    assert result.returncode == EXIT_CONFIG
+    assert "3 configuration error(s)" in result.stderr
+    assert "backends[0].servers[1].address: expected host:port" in result.stderr
+    assert "backends[0].servers[2].wieght: unknown key" in result.stderr
+    assert "frontends[0].default_backend: backend 'archive' does not exist" in result.stderr
+    assert result.stdout == ""
+
+
+def test_run_refuses_an_invalid_config_and_starts_nothing(tmp_path: Path) -> None:
+    port = free_port()
+    config = tcp_config(port, [{"name": "s1", "address": "127.0.0.1:1", "weight": "heavy"}])
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(config))
+    result = medlb("run", "-c", str(path))
+    assert result.returncode == EXIT_CONFIG
+    assert "backends[0].servers[0].weight" in result.stderr
+    with socket.socket() as s:
+        assert s.connect_ex(("127.0.0.1", port)) != 0
+
+
+def test_run_reports_a_port_in_use_clearly(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        path = tmp_path / "c.yaml"
+        path.write_text(yaml.safe_dump(tcp_config(port, [{"name": "s1", "address": "127.0.0.1:1"}])))
+        result = medlb("run", "-c", str(path))
+    assert result.returncode == EXIT_RUNTIME
+    assert f"cannot bind 127.0.0.1:{port}: address already in use" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_unresolvable_server_is_down_and_the_rest_serve(tmp_path: Path) -> None:
+    backend = Backend("alive")
+    port = free_port()
+    config = tcp_config(
+        port,
+        [
+            {"name": "ghost", "address": "no-such-host.invalid:104"},
+            {"name": "alive", "address": f"127.0.0.1:{backend.port}"},
+        ],
+    )
+    try:
+        with running_medlb(config, tmp_path) as lb:
+            lb.wait_for_log("pool/alive op_state DOWN -> UP")
+            assert {greet(port) for _ in range(4)} == {"alive"}
+            assert lb.proc.poll() is None
+            assert "pool/ghost op_state" not in lb.log
+    finally:
+        backend.stop()
+
+
+def test_version() -> None:
+    result = medlb("--version")
+    assert result.returncode == 0 and result.stdout.startswith("medlb ")

@@ -1,0 +1,238 @@
+"""End to end through a real ``medlb run`` process: failover under load, admin
+states from the config, the feedback agent, and graceful stop."""
+
+from __future__ import annotations
+
+import re
+import signal
+import socket
+import socketserver
+import threading
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import Backend, free_port, greet, running_medlb, tcp_config, wait_until
+
+
+def test_killed_server_costs_no_client_connection_and_is_marked_down(tmp_path: Path) -> None:
+    """Three servers under steady connection load; one dies. With retries and
+    redispatch no client sees a failure, and the dead server is DOWN within
+    fall x inter (2 x 200 ms) plus scheduling slack."""
+    backends = [Backend(f"s{i}") for i in range(3)]
+    port = free_port()
+    config = tcp_config(port, [{"name": b.name, "address": f"127.0.0.1:{b.port}"} for b in backends])
+    failures: list[str] = []
+    served: Counter[str] = Counter()
+    stop = threading.Event()
+
+    def client() -> None:
+        while not stop.is_set():
+            try:
+                served[greet(port)] += 1
+            except OSError as exc:
+                failures.append(repr(exc))
+
+    try:
+        with running_medlb(config, tmp_path) as lb:
+            for b in backends:
+                lb.wait_for_log(f"pool/{b.name} op_state DOWN -> UP")
+            with ThreadPoolExecutor(4) as pool:
+                for _ in range(4):
+                    pool.submit(client)
+                time.sleep(1.0)
+                killed_at = time.monotonic()
+                backends[1].stop()
+                seen_down = lb.wait_for_log("pool/s1 op_state UP -> DOWN", timeout=5)
+                time.sleep(1.0)
+                stop.set()
+            assert failures == []
+            assert seen_down - killed_at < 2 * 0.2 + 1.0
+            assert served["s0"] > 20 and served["s2"] > 20
+            assert re.search(r"connect to pool/s1 .* failed", lb.log)
+    finally:
+        for b in backends:
+            if b is not backends[1]:
+                b.stop()
+
+
+def test_drain_and_maint_from_config(tmp_path: Path) -> None:
+    ready, drain, maint = Backend("ready"), Backend("drain"), Backend("maint")
+    port = free_port()
+    config = tcp_config(
+        port,
+        [
+            {"name": "ready", "address": f"127.0.0.1:{ready.port}"},
+            {"name": "drain", "address": f"127.0.0.1:{drain.port}", "admin_state": "drain"},
+            {"name": "maint", "address": f"127.0.0.1:{maint.port}", "admin_state": "maint"},
+        ],
+    )
+    try:
+        with running_medlb(config, tmp_path) as lb:
+            lb.wait_for_log("pool/drain op_state DOWN -> UP")  # DRAIN keeps checking
+            assert {greet(port) for _ in range(6)} == {"ready"}
+            time.sleep(0.5)
+            assert drain.accepted >= 2  # health checks only
+            assert maint.accepted == 0  # MAINT: no traffic and no checks
+            assert "pool/maint op_state" not in lb.log
+    finally:
+        for b in (ready, drain, maint):
+            b.stop()
+
+
+def test_backup_takes_over_when_primaries_die(tmp_path: Path) -> None:
+    primary, backup = Backend("primary"), Backend("backup")
+    port = free_port()
+    config = tcp_config(
+        port,
+        [
+            {"name": "primary", "address": f"127.0.0.1:{primary.port}"},
+            {"name": "backup", "address": f"127.0.0.1:{backup.port}", "backup": True},
+        ],
+    )
+    try:
+        with running_medlb(config, tmp_path) as lb:
+            lb.wait_for_log("pool/backup op_state DOWN -> UP")
+            lb.wait_for_log("pool/primary op_state DOWN -> UP")
+            assert {greet(port) for _ in range(4)} == {"primary"}
+            primary.stop()
+            # Even before the check notices, redispatch hands sessions to the backup.
+            assert {greet(port) for _ in range(4)} == {"backup"}
+            lb.wait_for_log("pool/primary op_state UP -> DOWN")
+    finally:
+        backup.stop()
+
+
+class AgentServer(socketserver.ThreadingTCPServer):
+    """A feedback agent (Loadbalancer.org / HAProxy agent-check) answering ``reply``."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, reply: str) -> None:
+        self.reply = reply
+
+        class Handler(socketserver.BaseRequestHandler):
+            def handle(inner) -> None:
+                inner.request.sendall(f"{self.reply}\n".encode())
+
+        super().__init__(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+
+    def stop(self) -> None:
+        self.shutdown()
+        self.server_close()
+
+
+def test_agent_drives_weight_and_state(tmp_path: Path) -> None:
+    a, b = Backend("a"), Backend("b")
+    agent = AgentServer("25%")
+    port = free_port()
+    config = tcp_config(
+        port,
+        [
+            {
+                "name": "a",
+                "address": f"127.0.0.1:{a.port}",
+                "agent": {"port": agent.server_address[1], "inter": "100ms"},
+            },
+            {"name": "b", "address": f"127.0.0.1:{b.port}"},
+        ],
+    )
+    try:
+        with running_medlb(config, tmp_path) as lb:
+            lb.wait_for_log("pool/a agent weight 100% -> 25%")
+            lb.wait_for_log("pool/b op_state DOWN -> UP")
+            lb.wait_for_log("pool/a op_state DOWN -> UP")
+            seen = Counter(greet(port) for _ in range(50))
+            assert seen["a"] == 10 and seen["b"] == 40, seen
+            agent.reply = "drain"
+            lb.wait_for_log("pool/a admin_state READY -> DRAIN")
+            assert {greet(port) for _ in range(6)} == {"b"}
+            agent.reply = "ready 100%"
+            lb.wait_for_log("pool/a admin_state DRAIN -> READY")
+            assert {greet(port) for _ in range(6)} == {"a", "b"}
+    finally:
+        for s in (a, b):
+            s.stop()
+        agent.stop()
+
+
+def test_graceful_stop_lets_sessions_finish(tmp_path: Path) -> None:
+    backend = Backend("s1")
+    port = free_port()
+    config = tcp_config(port, [{"name": "s1", "address": f"127.0.0.1:{backend.port}"}])
+    try:
+        with running_medlb(config, tmp_path) as lb:
+            lb.wait_for_log("pool/s1 op_state DOWN -> UP")
+            session = socket.create_connection(("127.0.0.1", port), timeout=5)
+            assert session.recv(16) == b"s1\n"
+            lb.signal(signal.SIGTERM)
+            lb.wait_for_log("stopping: listeners closed, waiting up to 5s for 1 session(s)")
+            # New clients are refused; the established session still works.
+            with pytest.raises(ConnectionRefusedError):
+                socket.create_connection(("127.0.0.1", port), timeout=2).close()
+            session.sendall(b"still here")
+            assert session.recv(64) == b"still here"
+            assert lb.proc.poll() is None
+            session.close()
+            assert lb.proc.wait(5) == 0
+            assert "hard_stop_after reached" not in lb.log
+            assert re.search(r"session client=\S+ frontend=fe backend=pool server=s1 .* term=client_close", lb.log)
+    finally:
+        backend.stop()
+
+
+def test_hard_stop_after_cuts_what_is_left(tmp_path: Path) -> None:
+    backend = Backend("s1")
+    port = free_port()
+    config = tcp_config(port, [{"name": "s1", "address": f"127.0.0.1:{backend.port}"}])
+    config["global"]["hard_stop_after"] = "500ms"
+    try:
+        with running_medlb(config, tmp_path) as lb:
+            lb.wait_for_log("pool/s1 op_state DOWN -> UP")
+            session = socket.create_connection(("127.0.0.1", port), timeout=5)
+            assert session.recv(16) == b"s1\n"
+            start = time.monotonic()
+            lb.signal(signal.SIGTERM)
+            assert lb.proc.wait(5) == 0
+            assert 0.4 < time.monotonic() - start < 3.0
+            assert session.recv(64) == b""  # closed by medlb
+            assert "hard_stop_after reached: closed 1 session(s)" in lb.log
+            assert "term=hard_stop" in lb.log
+            session.close()
+    finally:
+        backend.stop()
+
+
+def test_idle_client_and_flood_do_not_disturb_others(tmp_path: Path) -> None:
+    """A client that says nothing and one that floods (server reads slowly) do not
+    stop a third client from being served promptly."""
+    backend = Backend("s1")
+    port = free_port()
+    config = tcp_config(port, [{"name": "s1", "address": f"127.0.0.1:{backend.port}"}])
+    try:
+        with running_medlb(config, tmp_path) as lb:
+            lb.wait_for_log("pool/s1 op_state DOWN -> UP")
+            silent = socket.create_connection(("127.0.0.1", port), timeout=5)
+            flood = socket.create_connection(("127.0.0.1", port), timeout=5)
+            flood.setblocking(False)
+            blob = b"x" * 1_000_000
+            sent = 0
+            for _ in range(50):
+                try:
+                    sent += flood.send(blob)
+                except BlockingIOError:
+                    break
+            assert sent > 0
+            start = time.monotonic()
+            assert greet(port) == "s1"
+            assert time.monotonic() - start < 1.0
+            wait_until(lambda: lb.proc.poll() is None)
+            silent.close()
+            flood.close()
+    finally:
+        backend.stop()
