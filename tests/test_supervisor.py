@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from medlb.proto import proxy_protocol
 from tests.helpers import Backend, free_port, greet, running_medlb, tcp_config, wait_until
 
 
@@ -234,5 +235,99 @@ def test_idle_client_and_flood_do_not_disturb_others(tmp_path: Path) -> None:
             wait_until(lambda: lb.proc.poll() is None)
             silent.close()
             flood.close()
+    finally:
+        backend.stop()
+
+
+class ProxyProtocolServer(socketserver.ThreadingTCPServer):
+    """Reads a PROXY header (with medlb's own parser), then answers with what it learnt."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self) -> None:
+        class Handler(socketserver.BaseRequestHandler):
+            def handle(inner) -> None:
+                buf = b""
+                header = None
+                while header is None:
+                    chunk = inner.request.recv(512)
+                    if not chunk:
+                        return
+                    buf += chunk
+                    header = proxy_protocol.parse(buf)
+                inner.request.sendall(f"v{header.version} {header.src} {header.dst}\n".encode())
+
+        super().__init__(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+
+    def stop(self) -> None:
+        self.shutdown()
+        self.server_close()
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_proxy_protocol_tells_the_server_who_the_client_is(tmp_path: Path, version: str) -> None:
+    server = ProxyProtocolServer()
+    port = free_port()
+    config = tcp_config(
+        port,
+        [{"name": "s1", "address": f"127.0.0.1:{server.server_address[1]}"}],
+        proxy_protocol=version,
+    )
+    try:
+        with running_medlb(config, tmp_path) as lb:
+            lb.wait_for_log("pool/s1 op_state DOWN -> UP")
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as client:
+                client_port = client.getsockname()[1]
+                line = client.recv(128).decode().strip()
+            assert line == f"{version} ('127.0.0.1', {client_port}) ('127.0.0.1', {port})"
+    finally:
+        server.stop()
+
+
+def test_external_check_marks_servers_by_exit_code(tmp_path: Path) -> None:
+    """The HAProxy / Loadbalancer.org contract: ``script <vip> <vport> <addr> <port>``;
+    exit 0 is UP. The script here fails for one server only, by its port."""
+    good, bad = Backend("good"), Backend("bad")
+    script = tmp_path / "check.sh"
+    script.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path}/calls\n[ "$4" != "{bad.port}" ]\n')
+    script.chmod(0o755)
+    port = free_port()
+    config = tcp_config(
+        port,
+        [
+            {"name": "good", "address": f"127.0.0.1:{good.port}"},
+            {"name": "bad", "address": f"127.0.0.1:{bad.port}"},
+        ],
+        check={"type": "external", "command": str(script)},
+    )
+    try:
+        with running_medlb(config, tmp_path) as lb:
+            lb.wait_for_log("pool/good op_state DOWN -> UP")
+            lb.wait_for_log("server pool/bad health check failed: exit 1")
+            assert {greet(port) for _ in range(4)} == {"good"}
+            calls = (tmp_path / "calls").read_text().splitlines()
+            assert f"127.0.0.1 {port} 127.0.0.1 {good.port}" in calls
+            assert f"127.0.0.1 {port} 127.0.0.1 {bad.port}" in calls
+    finally:
+        good.stop()
+        bad.stop()
+
+
+def test_missing_check_script_is_explained_and_medlb_stays_up(tmp_path: Path) -> None:
+    backend = Backend("s1")
+    port = free_port()
+    config = tcp_config(
+        port,
+        [{"name": "s1", "address": f"127.0.0.1:{backend.port}"}],
+        check={"type": "external", "command": str(tmp_path / "nope.sh")},
+    )
+    try:
+        with running_medlb(config, tmp_path) as lb:
+            lb.wait_for_log("server pool/s1 health check failed: check script not found")
+            time.sleep(0.5)
+            assert lb.proc.poll() is None
+            assert lb.log.count("check script not found") == 1  # explained once, not every check
     finally:
         backend.stop()

@@ -216,7 +216,6 @@ class ServerConfig(_Strict):
     admin_state: Literal["ready", "drain", "maint"] = "ready"
     check: CheckSettings = CheckSettings()
     agent: AgentSettings = AgentSettings()
-    proxy_protocol: Literal["v1", "v2", "none"] | None = None
 
 
 class BackendConfig(_Strict):

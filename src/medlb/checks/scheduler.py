@@ -221,10 +221,23 @@ class ServerChecker:
         self._last_start = start = loop.time()
         self.checks_run += 1
         probe = await self._probe()
+        previous = self.server.last_check
         result = CheckResult(probe.ok, probe.text, at=self._now(), duration=loop.time() - start)
         transition = self.server.record_check(result)
         if not probe.ok:
-            log.debug("%s: check failed: %s", self.server.key, probe.text)
+            # Log a failure when its reason is new (HAProxy's "Health check for server
+            # ... failed, reason: ..."), so a server that never comes UP, say with a
+            # missing check script, is explained once instead of silently or every 2s.
+            if previous is None or previous.ok or previous.text != probe.text:
+                health = self.server.health
+                status = (
+                    f"{health.failures}/{health.fall} failures while UP"
+                    if health.state is OpState.UP
+                    else "server is DOWN"
+                )
+                log.warning("server %s health check failed: %s (%s)", self.server.key, probe.text, status)
+            else:
+                log.debug("%s: check failed: %s", self.server.key, probe.text)
         if transition is not None:
             log.debug("%s: %s -> %s (%s)", self.server.key, transition.old.name, transition.new.name, probe.text)
         return result
