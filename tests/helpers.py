@@ -68,6 +68,35 @@ class Backend(socketserver.ThreadingTCPServer):
         self.server_close()
 
 
+class ThreadedServer(socketserver.ThreadingTCPServer):
+    """A loopback server whose connections are handled by ``respond(sock)`` in threads."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self) -> None:
+        outer = self
+
+        class Handler(socketserver.BaseRequestHandler):
+            def handle(self) -> None:
+                outer.respond(self.request)
+
+        super().__init__(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+
+    @property
+    def port(self) -> int:
+        port: int = self.server_address[1]
+        return port
+
+    def respond(self, sock: socket.socket) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        self.shutdown()
+        self.server_close()
+
+
 class Medlb:
     """A ``medlb run`` subprocess with its stderr collected in a file."""
 

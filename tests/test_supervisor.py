@@ -6,7 +6,6 @@ from __future__ import annotations
 import re
 import signal
 import socket
-import socketserver
 import threading
 import time
 from collections import Counter
@@ -16,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from medlb.proto import proxy_protocol
-from tests.helpers import Backend, free_port, greet, running_medlb, tcp_config, wait_until
+from tests.helpers import Backend, ThreadedServer, free_port, greet, running_medlb, tcp_config, wait_until
 
 
 def test_killed_server_costs_no_client_connection_and_is_marked_down(tmp_path: Path) -> None:
@@ -107,25 +106,15 @@ def test_backup_takes_over_when_primaries_die(tmp_path: Path) -> None:
         backup.stop()
 
 
-class AgentServer(socketserver.ThreadingTCPServer):
+class AgentServer(ThreadedServer):
     """A feedback agent (Loadbalancer.org / HAProxy agent-check) answering ``reply``."""
-
-    daemon_threads = True
-    allow_reuse_address = True
 
     def __init__(self, reply: str) -> None:
         self.reply = reply
+        super().__init__()
 
-        class Handler(socketserver.BaseRequestHandler):
-            def handle(inner) -> None:
-                inner.request.sendall(f"{self.reply}\n".encode())
-
-        super().__init__(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-
-    def stop(self) -> None:
-        self.shutdown()
-        self.server_close()
+    def respond(self, sock: socket.socket) -> None:
+        sock.sendall(f"{self.reply}\n".encode())
 
 
 def test_agent_drives_weight_and_state(tmp_path: Path) -> None:
@@ -138,7 +127,7 @@ def test_agent_drives_weight_and_state(tmp_path: Path) -> None:
             {
                 "name": "a",
                 "address": f"127.0.0.1:{a.port}",
-                "agent": {"port": agent.server_address[1], "inter": "100ms"},
+                "agent": {"port": agent.port, "inter": "100ms"},
             },
             {"name": "b", "address": f"127.0.0.1:{b.port}"},
         ],
@@ -239,31 +228,19 @@ def test_idle_client_and_flood_do_not_disturb_others(tmp_path: Path) -> None:
         backend.stop()
 
 
-class ProxyProtocolServer(socketserver.ThreadingTCPServer):
+class ProxyProtocolServer(ThreadedServer):
     """Reads a PROXY header (with medlb's own parser), then answers with what it learnt."""
 
-    daemon_threads = True
-    allow_reuse_address = True
-
-    def __init__(self) -> None:
-        class Handler(socketserver.BaseRequestHandler):
-            def handle(inner) -> None:
-                buf = b""
-                header = None
-                while header is None:
-                    chunk = inner.request.recv(512)
-                    if not chunk:
-                        return
-                    buf += chunk
-                    header = proxy_protocol.parse(buf)
-                inner.request.sendall(f"v{header.version} {header.src} {header.dst}\n".encode())
-
-        super().__init__(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-
-    def stop(self) -> None:
-        self.shutdown()
-        self.server_close()
+    def respond(self, sock: socket.socket) -> None:
+        buf = b""
+        header = None
+        while header is None:
+            chunk = sock.recv(512)
+            if not chunk:
+                return
+            buf += chunk
+            header = proxy_protocol.parse(buf)
+        sock.sendall(f"v{header.version} {header.src} {header.dst}\n".encode())
 
 
 @pytest.mark.parametrize("version", ["v1", "v2"])
@@ -272,7 +249,7 @@ def test_proxy_protocol_tells_the_server_who_the_client_is(tmp_path: Path, versi
     port = free_port()
     config = tcp_config(
         port,
-        [{"name": "s1", "address": f"127.0.0.1:{server.server_address[1]}"}],
+        [{"name": "s1", "address": f"127.0.0.1:{server.port}"}],
         proxy_protocol=version,
     )
     try:

@@ -43,11 +43,18 @@ def summarize(config: Config) -> str:
     )
 
 
-def _cmd_check(args: argparse.Namespace) -> int:
+def _load(path: str) -> Config | None:
+    """Load a config, or print every error and return None (the caller exits 2)."""
     try:
-        config = load_config(args.config)
+        return load_config(path)
     except ConfigError as exc:
         print(exc, file=sys.stderr)
+        return None
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    if config is None:
         return EXIT_CONFIG
     print(summarize(config))
     return EXIT_OK
@@ -64,10 +71,8 @@ def run_config(config: Config, *, log_sessions: bool = True) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    try:
-        config = load_config(args.config)
-    except ConfigError as exc:
-        print(exc, file=sys.stderr)
+    config = _load(args.config)
+    if config is None:
         return EXIT_CONFIG
     setup_logging(args.log_level or config.global_.log_level)
     try:
