@@ -1,0 +1,1046 @@
+#!/usr/bin/env python3
+"""TCP benchmark: the direct path, HAProxy (``mode tcp``) and medlb (``tcp`` mode) in one run, on loopback.
+
+Why one script and one run: the numbers only mean something relative to each
+other on the same machine at the same moment, so every path is measured with
+the same backends, the same clients and the same durations, and the ratios are
+computed here rather than by hand.
+
+Measured per path (see ``bench/README.md``):
+
+- bulk throughput with iperf3, 1 stream and 8 streams (receiver Gbit/s);
+- new connections per second: ``wrk`` with ``Connection: close`` against
+  nginx behind the proxy, so every request is a new TCP connection through it;
+- memory per idle proxied session: proxy RSS before/after holding N idle
+  connections open to a holding server, divided by N.
+
+Run: ``.venv/bin/python bench/tcp_bench.py [--smoke] [--out FILE.md] [--duration S]``.
+
+Only the standard library is used so the script runs under any Python that
+can also run medlb; the script re-executes itself (``_holder`` and
+``_idle_client`` sub-commands) for the helper processes, so there is one file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import functools
+import json
+import os
+import platform
+import re
+import resource
+import selectors
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+HOST = "127.0.0.1"
+REPO = Path(__file__).resolve().parent.parent
+#: The path names, in table order. ``medlb`` is the shipped default (splice on).
+PATHS = ("direct", "haproxy", "medlb", "medlb-copy")
+PATH_TITLES = {
+    "direct": "direct",
+    "haproxy": "HAProxy",
+    "medlb": "medlb (splice)",
+    "medlb-copy": "medlb (copy)",
+}
+#: Metric keys, in table order, with their row titles.
+METRICS = {
+    "bulk1": "Bulk throughput, 1 stream (Gbit/s)",
+    "bulk8": "Bulk throughput, 8 streams (Gbit/s)",
+    "connrate": "New connections/s (wrk, Connection: close)",
+    "idle_kb": "RSS per idle session (KB)",
+}
+#: fds a proxy keeps for itself besides two per session (listeners, epoll, checks, logs, pipes in use).
+PROXY_FD_MARGIN = 400
+PROBE_REQUEST = b"PROBE\n"
+PROBE_REPLY = b"OK\n"
+
+
+class BenchError(RuntimeError):
+    """A measurement could not be taken; the message says what was seen."""
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def free_port() -> int:
+    """A currently free loopback port; the tiny race with other programs is acceptable on a bench box."""
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+def raise_nofile() -> int:
+    """Raise our soft RLIMIT_NOFILE to the hard limit; children inherit it (10,000 sessions need ~20,000 fds).
+
+    The hard limit itself can only grow with CAP_SYS_RESOURCE, which containers often drop; the
+    idle-session count is then capped to what fits (see ``main``).
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard if hard != resource.RLIM_INFINITY else 1_048_576
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    except (ValueError, OSError):
+        return soft
+    return want
+
+
+def wait_port(port: int, timeout: float, proc: subprocess.Popen[bytes] | None = None) -> None:
+    """Wait until ``port`` accepts a TCP connection (and fail fast if the process behind it died)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise BenchError(f"process exited with {proc.returncode} before port {port} opened")
+        with contextlib.suppress(OSError), socket.create_connection((HOST, port), timeout=0.5):
+            return
+        time.sleep(0.05)
+    raise BenchError(f"port {port} did not open within {timeout:.0f} s")
+
+
+def retry_until(what: str, probe: Callable[[], bool], timeout: float, proc: subprocess.Popen[bytes] | None) -> None:
+    """Call ``probe`` until it returns True; readiness through a proxy is only known end to end."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise BenchError(f"proxy exited with {proc.returncode} while waiting for {what}")
+        try:
+            if probe():
+                return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise BenchError(f"{what}: not ready within {timeout:.0f} s")
+
+
+def probe_http(port: int) -> bool:
+    """One HTTP/1.0 GET; True when a 200 came back (nginx reached through the proxy)."""
+    with socket.create_connection((HOST, port), timeout=2) as s:
+        s.sendall(b"GET / HTTP/1.0\r\nHost: bench\r\n\r\n")
+        data = b""
+        while len(data) < 12:
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+        return data.startswith(b"HTTP/1.1 200") or data.startswith(b"HTTP/1.0 200")
+
+
+def probe_iperf3(port: int) -> bool:
+    """Send an iperf3 cookie and expect the server's first state byte.
+
+    A plain connect is not enough: the proxy accepts before its backend is up
+    (medlb servers start DOWN until their first check). The iperf3 server
+    answers a cookie with PARAM_EXCHANGE (9) or ACCESS_DENIED (-1), then logs an
+    error for our early close and goes back to listening, which is harmless.
+    """
+    with socket.create_connection((HOST, port), timeout=2) as s:
+        s.sendall(b"benchprobe".ljust(36, b"x") + b"\0")
+        return len(s.recv(1)) == 1
+
+
+def probe_holder(port: int) -> bool:
+    """The holding server answers PROBE with OK; idle sessions themselves never carry a byte."""
+    with socket.create_connection((HOST, port), timeout=2) as s:
+        s.sendall(PROBE_REQUEST)
+        data = b""
+        while len(data) < len(PROBE_REPLY):
+            chunk = s.recv(16)
+            if not chunk:
+                break
+            data += chunk
+        return data == PROBE_REPLY
+
+
+def proc_group_pids(pgid: int) -> list[int]:
+    """Every live process of a process group (HAProxy or nginx could fork; medlb may one day)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        if int(fields[2]) == pgid:
+            pids.append(int(entry))
+    return pids
+
+
+def rss_kb(pgid: int) -> int:
+    """Sum of VmRSS (kB) over the process group; threads share one mm, so each process counts once."""
+    total = 0
+    for pid in proc_group_pids(pgid):
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            continue
+        m = re.search(r"^VmRSS:\s+(\d+) kB", status, re.M)
+        if m:
+            total += int(m.group(1))
+    return total
+
+
+def cpu_seconds(pgid: int) -> float:
+    """utime+stime of the process group, to show how many cores a proxy burnt for a result."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in proc_group_pids(pgid):
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / ticks
+
+
+def first_line(cmd: list[str]) -> str:
+    """First non-empty output line of a version command, or 'unknown' (only informative)."""
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    for line in (out.stdout + out.stderr).splitlines():
+        if line.strip():
+            return line.strip()
+    return "unknown"
+
+
+def cpu_model() -> str:
+    """CPU model name from /proc/cpuinfo."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+# --------------------------------------------------------------------------- process management
+
+
+@dataclass
+class Proc:
+    """A child in its own process group, so it and anything it forks can be killed together."""
+
+    name: str
+    popen: subprocess.Popen[bytes]
+    log_path: Path | None = None
+
+    @property
+    def pgid(self) -> int:
+        return self.popen.pid
+
+    def log_tail(self, lines: int = 15) -> str:
+        """Last lines of the child's output, for failure reports."""
+        if self.log_path is None or not self.log_path.exists():
+            return ""
+        text = self.log_path.read_text(errors="replace").splitlines()
+        return "\n".join(text[-lines:])
+
+
+@dataclass
+class Children:
+    """Owns every child process; ``close`` kills them all, whatever happened before."""
+
+    workdir: Path
+    procs: list[Proc] = field(default_factory=list)
+
+    def start(
+        self, name: str, cmd: list[str], *, stdin: int | None = subprocess.DEVNULL, stdout_pipe: bool = False
+    ) -> Proc:
+        """Start ``cmd`` in a new session; output goes to a log file in the work dir unless piped."""
+        log_path = self.workdir / f"{name}-{len(self.procs)}.log"
+        with open(log_path, "wb") as log:
+            popen = subprocess.Popen(
+                cmd,
+                stdin=stdin,
+                stdout=subprocess.PIPE if stdout_pipe else log,
+                stderr=log,
+                start_new_session=True,
+                cwd=self.workdir,
+            )
+        proc = Proc(name, popen, log_path)
+        self.procs.append(proc)
+        return proc
+
+    def stop(self, proc: Proc, timeout: float = 5.0) -> None:
+        """SIGTERM the group, then SIGKILL; ``haproxy -db`` and medlb both stop on SIGTERM."""
+        if proc not in self.procs:
+            return
+        self.procs.remove(proc)
+        _kill_group(proc.popen, timeout)
+
+    def close(self) -> None:
+        """Kill every remaining child (reverse start order: clients before proxies before backends)."""
+        while self.procs:
+            proc = self.procs.pop()
+            _kill_group(proc.popen, 3.0)
+
+
+def _kill_group(popen: subprocess.Popen[bytes], timeout: float) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(popen.pid, sig)
+        try:
+            popen.wait(timeout)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    for stream in (popen.stdin, popen.stdout):
+        if stream is not None:
+            with contextlib.suppress(OSError):
+                stream.close()
+    # A grandchild could outlive the leader; the group id stays valid while any member lives.
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(popen.pid, signal.SIGKILL)
+
+
+def read_line(stream: IO[bytes], timeout: float, proc: subprocess.Popen[bytes]) -> str:
+    """One line from a child's stdout with a deadline (helpers announce ports and progress this way)."""
+    sel = selectors.DefaultSelector()
+    sel.register(stream, selectors.EVENT_READ)
+    try:
+        if not sel.select(timeout):
+            raise BenchError(f"no output from helper within {timeout:.0f} s (exit code {proc.poll()})")
+        line = stream.readline()
+    finally:
+        sel.close()
+    if not line:
+        raise BenchError(f"helper exited with {proc.wait()} without output")
+    return line.decode().strip()
+
+
+# --------------------------------------------------------------------------- helper processes (re-executed)
+
+
+def holder_main(count_file: str) -> int:
+    """Accept connections and keep them open; report how many are open via ``count_file``.
+
+    Connections that send ``PROBE`` get ``OK`` and are closed: that lets the
+    harness see a proxy is really forwarding without putting a byte on the idle
+    sessions being measured. Health checks (connect, close) are just dropped.
+    """
+    raise_nofile()
+    lsock = socket.socket()
+    lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    lsock.bind((HOST, 0))
+    lsock.listen(4096)
+    lsock.setblocking(False)
+    sel = selectors.DefaultSelector()
+    sel.register(lsock, selectors.EVENT_READ, None)
+    print(f"PORT {lsock.getsockname()[1]}", flush=True)
+    conns: set[socket.socket] = set()
+    last_written = -1
+    last_write_time = 0.0
+    while True:
+        for key, _ in sel.select(0.05):
+            if key.data is None:
+                while True:
+                    try:
+                        conn, _ = lsock.accept()
+                    except (BlockingIOError, InterruptedError):
+                        break
+                    except OSError:  # EMFILE and friends: report it via the count stalling
+                        break
+                    conn.setblocking(False)
+                    conns.add(conn)
+                    sel.register(conn, selectors.EVENT_READ, "conn")
+                continue
+            conn = key.fileobj  # type: ignore[assignment]
+            assert isinstance(conn, socket.socket)
+            try:
+                data = conn.recv(64)
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError:
+                data = b""
+            if data.startswith(PROBE_REQUEST[:5]):
+                with contextlib.suppress(OSError):
+                    conn.send(PROBE_REPLY)
+            sel.unregister(conn)
+            conns.discard(conn)
+            conn.close()
+        now = time.monotonic()
+        if len(conns) != last_written or now - last_write_time > 1.0:
+            tmp = count_file + ".tmp"
+            with open(tmp, "w") as f:
+                f.write(str(len(conns)))
+            os.replace(tmp, count_file)
+            last_written, last_write_time = len(conns), now
+
+
+def idle_client_main(port: int, n: int) -> int:
+    """Open ``n`` connections to ``port`` and hold them; talk to the harness over stdin/stdout.
+
+    Protocol: print ``CONNECTED k`` after connecting (k = how many connects
+    succeeded), then on each stdin line print ``ALIVE m`` (connections neither
+    closed nor reset by the proxy), and exit when stdin closes.
+    """
+    raise_nofile()
+    socks: list[socket.socket] = []
+    failed = 0
+    for _ in range(n):
+        try:
+            socks.append(socket.create_connection((HOST, port), timeout=15))
+        except OSError:
+            failed += 1
+            if failed > 50:
+                break
+    print(f"CONNECTED {len(socks)}", flush=True)
+    for _ in sys.stdin:
+        sel = selectors.DefaultSelector()
+        for s in socks:
+            sel.register(s, selectors.EVENT_READ)
+        dead = len(sel.select(0))  # readable on an idle session == EOF or reset by the proxy
+        sel.close()
+        print(f"ALIVE {len(socks) - dead}", flush=True)
+    for s in socks:
+        s.close()
+    return 0
+
+
+# --------------------------------------------------------------------------- backends and proxies
+
+
+@dataclass
+class Route:
+    """One frontend -> backend pair a proxy must provide; ``probe`` checks it end to end."""
+
+    name: str
+    backend_port: int
+    probe: Callable[[int], bool]
+
+
+@dataclass
+class Settings:
+    """Everything that shapes a run, recorded in the output header."""
+
+    duration: int
+    idle_n: int
+    idle_n_requested: int
+    wrk_threads: int = 2
+    wrk_conns: int = 64
+    nginx_workers: str = "1"
+    #: HAProxy tuning per kind of test (bufsize, pipesize; pipesize 0 = kernel default), from a sweep on the
+    #: reference VM: big buffers and 1 MiB pipes win bulk runs but cost ~10% in connection rate.
+    haproxy_bulk: tuple[int, int] = (262144, 1048576)
+    haproxy_rate: tuple[int, int] = (65536, 0)
+    repeat: int = 3
+    smoke: bool = False
+
+
+class Bench:
+    """Starts backends and proxies and takes the measurements; all children die in :meth:`close`."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.s = settings
+        self.tmp = Path(tempfile.mkdtemp(prefix="medlb-bench-"))
+        self.children = Children(self.tmp)
+        self.nginx_port = 0
+        self.notes: list[str] = []
+        self.cpu: dict[tuple[str, str], float] = {}
+        self.details: dict[tuple[str, str], str] = {}
+        medlb = REPO / ".venv" / "bin" / "medlb"
+        self.medlb = str(medlb) if medlb.exists() else (shutil.which("medlb") or "medlb")
+
+    def close(self) -> None:
+        self.children.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    # -- backends
+
+    def start_nginx(self) -> None:
+        """nginx serving a 13-byte body from the config (no file: the worker runs as nobody)."""
+        port = free_port()
+        ndir = self.tmp / "nginx"
+        ndir.mkdir()
+        cfg = ndir / "nginx.conf"
+        temp_paths = "\n".join(
+            f"  {kind}_temp_path {ndir / kind};" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+        )
+        cfg.write_text(
+            f"""daemon off;
+worker_processes {self.s.nginx_workers};
+worker_rlimit_nofile 20000;
+pid {ndir / "nginx.pid"};
+error_log {ndir / "error.log"} warn;
+events {{ worker_connections 8192; }}
+http {{
+  access_log off;
+{temp_paths}
+  server {{
+    listen {HOST}:{port} backlog=4096;
+    location / {{ default_type text/plain; return 200 "hello, bench\\n"; }}
+  }}
+}}
+"""
+        )
+        proc = self.children.start("nginx", ["nginx", "-p", str(ndir), "-e", str(ndir / "error.log"), "-c", str(cfg)])
+        wait_port(port, 10, proc.popen)
+        self.nginx_port = port
+
+    def start_iperf3(self) -> int:
+        """A fresh ``iperf3 -s``: it serves one test at a time, so each measured test gets its own."""
+        port = free_port()
+        proc = self.children.start("iperf3", ["iperf3", "-s", "-p", str(port), "-B", HOST])
+        wait_port(port, 10, proc.popen)
+        return port
+
+    def start_holder(self) -> tuple[Proc, int, Path]:
+        """The holding server for idle sessions (this script re-executed as ``_holder``)."""
+        count_file = self.tmp / f"holder-count-{len(self.children.procs)}"
+        proc = self.children.start(
+            "holder", [sys.executable, str(Path(__file__).resolve()), "_holder", str(count_file)], stdout_pipe=True
+        )
+        assert proc.popen.stdout is not None
+        line = read_line(proc.popen.stdout, 10, proc.popen)
+        return proc, int(line.split()[1]), count_file
+
+    # -- proxies
+
+    def haproxy_config(self, routes: list[Route], ports: dict[str, int], tuning: tuple[int, int]) -> str:
+        """``mode tcp`` with HAProxy's best settings for this test; no checks, no logs (its fastest shape).
+
+        maxconn and maxpipes are sized so HAProxy's own fd arithmetic
+        (2 per connection + 2 per pipe) fits the hard RLIMIT_NOFILE: HAProxy
+        refuses to start when it cannot raise the limit it computed.
+        """
+        _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        maxconn = self.s.idle_n + 100
+        maxpipes = max(32, min(4096, (hard - 2 * maxconn - 150) // 2))
+        lines = [
+            "global",
+            f"  maxconn {maxconn}",
+            f"  maxpipes {maxpipes}",
+            f"  tune.bufsize {tuning[0]}",
+            *([f"  tune.pipesize {tuning[1]}"] if tuning[1] > 0 else []),
+            "defaults",
+            "  mode tcp",
+            "  option splice-auto",
+            "  timeout connect 3s",
+            "  timeout client 1h",
+            "  timeout server 1h",
+            "  timeout queue 30s",
+            f"  maxconn {maxconn}",
+        ]
+        for r in routes:
+            lines += [
+                f"frontend fe_{r.name}",
+                f"  bind {HOST}:{ports[r.name]}",
+                f"  default_backend be_{r.name}",
+                f"backend be_{r.name}",
+                f"  server s1 {HOST}:{r.backend_port}",
+            ]
+        return "\n".join(lines) + "\n"
+
+    def medlb_config(self, routes: list[Route], ports: dict[str, int], splice: bool) -> str:
+        """medlb YAML in the documented format; the TCP check makes servers UP within one check."""
+        out = [
+            f"global: {{nofile: 200000, splice: {'true' if splice else 'false'}}}",
+            "defaults:",
+            "  timeouts: {connect: 3s, client: 1h, server: 1h, queue: 30s, check: 2s}",
+            "  check: {inter: 2s}",
+            "frontends:",
+        ]
+        maxconn = max(30000, self.s.idle_n + 100)
+        for r in routes:
+            out.append(
+                f'  - {{name: fe_{r.name}, mode: tcp, bind: ["{HOST}:{ports[r.name]}"], '
+                f"maxconn: {maxconn}, default_backend: be_{r.name}}}"
+            )
+        out.append("backends:")
+        for r in routes:
+            out += [
+                f"  - name: be_{r.name}",
+                "    balance: roundrobin",
+                "    check: {type: tcp}",
+                "    servers:",
+                f'      - {{name: s1, address: "{HOST}:{r.backend_port}"}}',
+            ]
+        return "\n".join(out) + "\n"
+
+    def start_proxy(
+        self, path: str, routes: list[Route], tuning: tuple[int, int] | None = None
+    ) -> tuple[Proc | None, dict[str, int]]:
+        """Start the proxy of ``path`` for ``routes``; return it and the port per route once all probes pass.
+
+        ``tuning`` is HAProxy's (bufsize, pipesize); medlb has no such knobs and runs its defaults.
+        """
+        if path == "direct":
+            return None, {r.name: r.backend_port for r in routes}
+        ports = {r.name: free_port() for r in routes}
+        cfg = self.tmp / f"{path}-{len(self.children.procs)}.cfg"
+        if path == "haproxy":
+            cfg.write_text(self.haproxy_config(routes, ports, tuning or self.s.haproxy_rate))
+            proc = self.children.start("haproxy", ["haproxy", "-f", str(cfg), "-db"])
+        else:
+            cfg.write_text(self.medlb_config(routes, ports, splice=(path == "medlb")))
+            check = subprocess.run([self.medlb, "check", "-c", str(cfg)], capture_output=True, text=True)
+            if check.returncode != 0:
+                raise BenchError(f"medlb check failed ({check.returncode}): {check.stderr.strip() or check.stdout}")
+            proc = self.children.start(
+                path, [self.medlb, "run", "-c", str(cfg), "--no-session-log", "--log-level", "warning"]
+            )
+        try:
+            for r in routes:
+                wait_port(ports[r.name], 20, proc.popen)
+            for r in routes:
+                retry_until(f"{path} route {r.name}", functools.partial(r.probe, ports[r.name]), 20, proc.popen)
+        except BenchError as exc:
+            tail = proc.log_tail()
+            self.children.stop(proc)
+            raise BenchError(f"{exc}; proxy output:\n{tail}") from exc
+        return proc, ports
+
+    # -- measurements
+
+    def iperf3(self, port: int, streams: int) -> float:
+        """Receiver Gbit/s of one iperf3 run (first second omitted when the run is long enough)."""
+        cmd = ["iperf3", "-c", HOST, "-p", str(port), "-t", str(self.s.duration), "-P", str(streams), "-J"]
+        if self.s.duration >= 3:
+            cmd += ["-O", "1"]
+        last = ""
+        for attempt in range(2):
+            try:
+                out = subprocess.run(cmd, capture_output=True, text=True, timeout=self.s.duration + 60)
+            except subprocess.TimeoutExpired:
+                last = "iperf3 client timed out"
+                continue
+            try:
+                data = json.loads(out.stdout)
+            except json.JSONDecodeError:
+                data = {"error": (out.stdout + out.stderr).strip()[-300:]}
+            if "error" not in data and out.returncode == 0:
+                return float(data["end"]["sum_received"]["bits_per_second"]) / 1e9
+            last = str(data.get("error", f"exit code {out.returncode}"))
+            if attempt == 0:
+                self.notes.append(f"iperf3 -P {streams} on port {port} failed once ({last}); retried.")
+                time.sleep(1)
+        raise BenchError(f"iperf3 -P {streams}: {last}")
+
+    def wrk(self, port: int) -> tuple[float, str]:
+        """Requests/s with ``Connection: close`` (each request is a new connection) and an error summary."""
+        cmd = [
+            "wrk",
+            f"-t{self.s.wrk_threads}",
+            f"-c{self.s.wrk_conns}",
+            f"-d{self.s.duration}s",
+            "-H",
+            "Connection: close",
+            f"http://{HOST}:{port}/",
+        ]
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=self.s.duration + 60)
+        m = re.search(r"Requests/sec:\s+([\d.]+)", out.stdout)
+        if out.returncode != 0 or not m:
+            raise BenchError(f"wrk failed ({out.returncode}): {(out.stdout + out.stderr).strip()[-300:]}")
+        errors = []
+        sm = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out.stdout)
+        if sm:
+            errors.append(f"connect/read/write/timeout {'/'.join(sm.groups())}")
+        nm = re.search(r"Non-2xx or 3xx responses: (\d+)", out.stdout)
+        if nm:
+            errors.append(f"non-2xx {nm.group(1)}")
+        return float(m.group(1)), " ".join(errors) or "0"
+
+    def idle_memory(self, proxy: Proc, port: int, holder: Proc, count_file: Path) -> tuple[float, str]:
+        """KB of proxy RSS per idle session: (RSS with N idle sessions - RSS before) / N."""
+        n = self.s.idle_n
+        time.sleep(1.0)  # let start-up garbage settle before the baseline
+        before = rss_kb(proxy.pgid)
+        client = self.children.start(
+            "idle-client",
+            [sys.executable, str(Path(__file__).resolve()), "_idle_client", str(port), str(n)],
+            stdin=subprocess.PIPE,
+            stdout_pipe=True,
+        )
+        try:
+            assert client.popen.stdout is not None and client.popen.stdin is not None
+            connected = int(read_line(client.popen.stdout, 180, client.popen).split()[1])
+            if connected < n:
+                raise BenchError(f"only {connected}/{n} client connections succeeded; proxy:\n{proxy.log_tail()}")
+            deadline = time.monotonic() + 60
+            held = 0
+            while time.monotonic() < deadline:
+                if holder.popen.poll() is not None:
+                    raise BenchError("holding server died")
+                with contextlib.suppress(OSError, ValueError):
+                    held = int(count_file.read_text())
+                if held >= n:
+                    break
+                time.sleep(0.1)
+            else:
+                raise BenchError(f"only {held}/{n} sessions reached the holding server; proxy:\n{proxy.log_tail()}")
+            time.sleep(2.0)  # sessions fully set up (timers armed, buffers settled)
+            after = rss_kb(proxy.pgid)
+            client.popen.stdin.write(b"check\n")
+            client.popen.stdin.flush()
+            alive = int(read_line(client.popen.stdout, 30, client.popen).split()[1])
+            if alive < n:
+                raise BenchError(f"{n - alive} of {n} idle sessions were closed by the proxy")
+        finally:
+            self.children.stop(client)
+        detail = f"RSS {before / 1024:.1f} MB -> {after / 1024:.1f} MB with {n} sessions ({alive} alive)"
+        return (after - before) / n, detail
+
+    # -- orchestration
+
+    def measure_traffic(self, paths: list[str], results: dict[tuple[str, str], float | None]) -> None:
+        """Bulk throughput and connection rate: every path set up at once, then runs interleaved.
+
+        Loopback numbers on a small VM drift by tens of percent from one minute
+        to the next, so each repetition visits every path in turn and the table
+        shows the median: a drift then hits all paths alike instead of one.
+        Idle proxies cost nothing meanwhile (medlb's health checks are a
+        connect every 2 s).
+        """
+        before = set(map(id, self.children.procs))
+        keys = ("bulk1", "bulk8", "connrate")
+        try:
+            # path -> route -> (the proxy serving it, its port); HAProxy gets one instance per tuning.
+            setups: dict[str, dict[str, tuple[Proc | None, int]]] = {}
+            for path in paths:
+                try:
+                    bulk = [
+                        Route("iperf1", self.start_iperf3(), probe_iperf3),
+                        Route("iperf8", self.start_iperf3(), probe_iperf3),
+                    ]
+                    rate = [Route("http", self.nginx_port, probe_http)]
+                    groups = [(bulk, self.s.haproxy_bulk), (rate, self.s.haproxy_rate)]
+                    if path != "haproxy":
+                        groups = [(bulk + rate, self.s.haproxy_rate)]
+                    setups[path] = {}
+                    for routes, tuning in groups:
+                        proxy, ports = self.start_proxy(path, routes, tuning)
+                        setups[path].update({name: (proxy, port) for name, port in ports.items()})
+                except BenchError as exc:
+                    setups.pop(path, None)
+                    self._fail(path, keys, exc, results)
+            samples: dict[tuple[str, str], list[float]] = {}
+            cpus: dict[tuple[str, str], list[float]] = {}
+            summaries: dict[tuple[str, str], list[str]] = {}
+            failed: set[tuple[str, str]] = set()
+            for rep in range(self.s.repeat):
+                print(f"== repetition {rep + 1}/{self.s.repeat}", flush=True)
+                for path, routes_of in setups.items():
+                    runs: list[tuple[str, str, Callable[[int], float | tuple[float, str]]]] = [
+                        ("bulk1", "iperf1", lambda port: self.iperf3(port, 1)),
+                        ("bulk8", "iperf8", lambda port: self.iperf3(port, 8)),
+                        ("connrate", "http", self.wrk),
+                    ]
+                    for key, route, measure in runs:
+                        if (path, key) in failed:
+                            continue
+                        proxy, port = routes_of[route]
+                        cpu0 = cpu_seconds(proxy.pgid) if proxy else 0.0
+                        t0 = time.monotonic()
+                        try:
+                            value = measure(port)
+                        except BenchError as exc:
+                            failed.add((path, key))
+                            self._fail(path, (key,), exc, results)
+                            continue
+                        if proxy is not None:
+                            cpus.setdefault((path, key), []).append(
+                                (cpu_seconds(proxy.pgid) - cpu0) / (time.monotonic() - t0)
+                            )
+                        if isinstance(value, tuple):
+                            value, summary = value
+                            summaries.setdefault((path, key), []).append(summary)
+                        samples.setdefault((path, key), []).append(value)
+                        print(f"  {PATH_TITLES[path]:15} {METRICS[key]:45} {fmt(value, key)}", flush=True)
+                        time.sleep(0.5)  # let TIME_WAIT churn and softirq backlog settle between runs
+            for (path, key), values in samples.items():
+                if (path, key) in failed:
+                    continue
+                results[(path, key)] = statistics.median(values)
+                detail = "runs: " + ", ".join(fmt(v, key) for v in values)
+                if (path, key) in summaries:
+                    detail += " — wrk socket errors: " + ", ".join(summaries[(path, key)])
+                self.details[(path, key)] = detail
+                if (path, key) in cpus:
+                    self.cpu[(path, key)] = statistics.median(cpus[(path, key)])
+        finally:
+            for proc in [p for p in self.children.procs if id(p) not in before]:
+                self.children.stop(proc)
+
+    def measure_idle(self, path: str, results: dict[tuple[str, str], float | None]) -> None:
+        """Idle-session memory on a fresh proxy, so buffers pooled by bulk tests neither pad nor hide the cost."""
+        if path == "direct":
+            results[(path, "idle_kb")] = None
+            return
+        before = set(map(id, self.children.procs))
+        print(f"== idle sessions: {PATH_TITLES[path]}", flush=True)
+        try:
+            holder, holder_port, count_file = self.start_holder()
+            proxy, ports = self.start_proxy(path, [Route("idle", holder_port, probe_holder)])
+            assert proxy is not None
+            kb, detail = self.idle_memory(proxy, ports["idle"], holder, count_file)
+            results[(path, "idle_kb")] = kb
+            self.details[(path, "idle_kb")] = detail
+            print(f"  {PATH_TITLES[path]:15} {METRICS['idle_kb']:45} {fmt(kb, 'idle_kb')}", flush=True)
+        except BenchError as exc:
+            self._fail(path, ("idle_kb",), exc, results)
+        finally:
+            for proc in [p for p in self.children.procs if id(p) not in before]:
+                self.children.stop(proc)
+
+    def _fail(
+        self, path: str, keys: tuple[str, ...], exc: Exception, results: dict[tuple[str, str], float | None]
+    ) -> None:
+        for key in keys:
+            results[(path, key)] = float("nan")
+        msg = f"{PATH_TITLES[path]} / {', '.join(METRICS[k] for k in keys)}: FAILED: {exc}"
+        self.notes.append(msg)
+        print("  " + msg, file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- report
+
+
+def haproxy_tuning(tuning: tuple[int, int]) -> str:
+    """The tune.* lines of one HAProxy instance, for the header."""
+    pipes = f"`tune.pipesize {tuning[1]}`" if tuning[1] else "kernel default pipe size"
+    return f"`tune.bufsize {tuning[0]}`, {pipes}"
+
+
+def fmt(value: float | None, key: str) -> str:
+    """Table formatting per metric; ``n/a`` for not applicable, ``FAIL`` for a failed measurement."""
+    if value is None:
+        return "n/a"
+    if value != value:  # NaN
+        return "FAIL"
+    if key in ("bulk1", "bulk8"):
+        return f"{value:.2f}"
+    if key == "connrate":
+        return f"{value:.0f}"
+    return f"{value:.2f}"
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    """a/b, None when either side is not applicable, NaN when either failed."""
+    if a is None or b is None:
+        return None
+    if a != a or b != b or b == 0:
+        return float("nan")
+    return a / b
+
+
+def fmt_ratio(r: float | None) -> str:
+    if r is None:
+        return "n/a"
+    if r != r:
+        return "FAIL"
+    return f"{r:.2f}x"
+
+
+def targets(results: dict[tuple[str, str], float | None]) -> list[tuple[str, str, bool | None]]:
+    """The issue's targets for medlb (the default, splice) computed from the numbers: (target, measured, met)."""
+    out: list[tuple[str, str, bool | None]] = []
+
+    def add(label: str, value: float | None, ok: Callable[[float], bool], shown: Callable[[float], str]) -> None:
+        if value is None or value != value:
+            out.append((label, "FAIL", None))
+        else:
+            out.append((label, shown(value), ok(value)))
+
+    for key, streams in (("bulk1", "1 stream"), ("bulk8", "8 streams")):
+        r = ratio(results[("medlb", key)], results[("haproxy", key)])
+        add(f"Bulk throughput ({streams}) >= 1.1x HAProxy", r, lambda v: v >= 1.1, lambda v: f"{v:.2f}x")
+        r = ratio(results[("medlb", key)], results[("direct", key)])
+        add(f"Bulk throughput ({streams}) >= 0.65x direct", r, lambda v: v >= 0.65, lambda v: f"{v:.2f}x")
+    r = ratio(results[("medlb", "connrate")], results[("haproxy", "connrate")])
+    add("Connection rate >= 0.5x HAProxy", r, lambda v: v >= 0.5, lambda v: f"{v:.2f}x")
+    add("RSS per idle session < 20 KB", results[("medlb", "idle_kb")], lambda v: v < 20, lambda v: f"{v:.2f} KB")
+    return out
+
+
+def render(bench: Bench, results: dict[tuple[str, str], float | None], meta: dict[str, str]) -> str:
+    """The markdown report: header, main table, targets, details and notes."""
+    s = bench.s
+    lines = [
+        f"# TCP benchmark: direct vs HAProxy vs medlb ({meta['date']})",
+        "",
+        f"- Date (UTC): {meta['datetime']}",
+        f"- Machine: {meta['host']}; CPU: {meta['cpu']}; nproc: {meta['nproc']}; kernel: {meta['kernel']}",
+        f"- Python: {meta['python']}; medlb: {meta['medlb']}",
+        f"- HAProxy: {meta['haproxy']} — nbthread left at default ({meta['haproxy_threads']} here), "
+        "`mode tcp`, `option splice-auto`, no checks, no logging; bulk tests: "
+        f"{haproxy_tuning(s.haproxy_bulk)}; connection rate and idle: {haproxy_tuning(s.haproxy_rate)}",
+        f"- iperf3: {meta['iperf3']}; wrk: {meta['wrk']}; nginx: {meta['nginx']} (worker_processes {s.nginx_workers})",
+        f"- Durations: iperf3 {s.duration} s{' (first second omitted, -O 1)' if s.duration >= 3 else ''}; "
+        f"wrk {s.duration} s (-t{s.wrk_threads} -c{s.wrk_conns}, `Connection: close`); "
+        f"idle sessions N = {s.idle_n}" + (" (smoke run)" if s.smoke else ""),
+        f"- Bulk and rate cells are the median of {s.repeat} run(s), interleaved across paths (runs under Details); "
+        "idle memory is one measurement on a freshly started proxy.",
+        "- medlb (splice) is the default configuration; medlb (copy) sets `global: {splice: false}`. "
+        "Ratio columns use medlb (splice).",
+    ]
+    if s.idle_n != s.idle_n_requested:
+        lines.append(
+            f"- N idle was capped from {s.idle_n_requested} to {s.idle_n}: the hard RLIMIT_NOFILE here is "
+            f"{meta['nofile_hard']} (no CAP_SYS_RESOURCE to raise it) and a proxy needs 2 fds per session."
+        )
+    header = ["Metric", *(PATH_TITLES[p] for p in PATHS), "medlb/direct", "medlb/HAProxy"]
+    lines += ["", "| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    for key, title in METRICS.items():
+        cells = [fmt(results[(p, key)], key) for p in PATHS]
+        cells.append(fmt_ratio(ratio(results[("medlb", key)], results[("direct", key)])))
+        cells.append(fmt_ratio(ratio(results[("medlb", key)], results[("haproxy", key)])))
+        lines.append(f"| {title} | " + " | ".join(cells) + " |")
+    lines += ["", "## Targets (medlb with splice, computed from the table)", ""]
+    for label, shown, met in targets(results):
+        verdict = "not measured" if met is None else ("met" if met else "NOT met")
+        lines.append(f"- {label}: {shown} — **{verdict}**")
+    lines += ["", "## Details", "", "| Path | Metric | Proxy CPU (cores) | Detail |", "|---|---|---:|---|"]
+    for p in PATHS:
+        for key in METRICS:
+            cpu = bench.cpu.get((p, key))
+            detail = bench.details.get((p, key), "")
+            if cpu is None and not detail:
+                continue
+            lines.append(f"| {PATH_TITLES[p]} | {METRICS[key]} | {'' if cpu is None else f'{cpu:.2f}'} | {detail} |")
+    if bench.notes:
+        lines += ["", "## Notes", ""]
+        for note in bench.notes:
+            lines.append("- " + note.replace("\n", "\n  "))
+    return "\n".join(lines) + "\n"
+
+
+def collect_meta() -> dict[str, str]:
+    """Machine and tool versions for the header; informative, never fatal."""
+    now = dt.datetime.now(dt.UTC)
+    haproxy_threads = str(os.cpu_count() or "?")  # HAProxy 2.6 defaults nbthread to the CPUs it may run on
+    with contextlib.suppress(AttributeError):
+        haproxy_threads = str(len(os.sched_getaffinity(0)))
+    medlb_version = "unknown"
+    with contextlib.suppress(Exception):
+        from importlib.metadata import version
+
+        medlb_version = version("medlb")
+    return {
+        "date": now.strftime("%Y-%m-%d"),
+        "datetime": now.strftime("%Y-%m-%d %H:%M:%S UTC"),
+        "host": platform.node(),
+        "cpu": cpu_model(),
+        "nproc": str(os.cpu_count()),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "medlb": medlb_version,
+        "haproxy": first_line(["haproxy", "-v"]),
+        "haproxy_threads": haproxy_threads,
+        "iperf3": first_line(["iperf3", "-v"]),
+        "wrk": first_line(["wrk", "-v"]),
+        "nginx": first_line(["nginx", "-v"]),
+        "nofile_hard": str(resource.getrlimit(resource.RLIMIT_NOFILE)[1]),
+    }
+
+
+# --------------------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    p.add_argument("--smoke", action="store_true", help="1 s tests and 500 idle sessions: proves the harness runs")
+    p.add_argument("--out", type=Path, help="markdown output (default bench/results/<date>-tcp.md)")
+    p.add_argument("--duration", type=int, help="seconds per iperf3 and wrk test (default 10, smoke 1)")
+    p.add_argument("--repeat", type=int, help="interleaved repetitions of bulk/rate tests, median shown (default 3)")
+    p.add_argument("--idle", type=int, help="idle sessions (default 10000, smoke 500; capped by the fd limit)")
+    p.add_argument("--paths", default=",".join(PATHS), help=f"comma-separated subset of {','.join(PATHS)}")
+    p.add_argument("--nginx-workers", default="1", help="nginx worker_processes (default 1)")
+    p.add_argument(
+        "--haproxy-bulk",
+        default="262144,1048576",
+        help="HAProxy tune.bufsize,tune.pipesize for the iperf3 tests (pipesize 0 = kernel default)",
+    )
+    p.add_argument("--haproxy-rate", default="65536,0", help="the same for the wrk and idle-session tests")
+    return p.parse_args(argv)
+
+
+def parse_tuning(text: str) -> tuple[int, int]:
+    """``BUFSIZE,PIPESIZE`` -> (bufsize, pipesize)."""
+    bufsize, pipesize = (int(x) for x in text.split(","))
+    return bufsize, pipesize
+
+
+def check_tools() -> list[str]:
+    """Names of required binaries that are missing."""
+    return [t for t in ("haproxy", "iperf3", "wrk", "nginx") if shutil.which(t) is None]
+
+
+def _sigterm(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # take the same cleanup path as Ctrl-C
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["_holder"]:
+        return holder_main(argv[1])
+    if argv[:1] == ["_idle_client"]:
+        return idle_client_main(int(argv[1]), int(argv[2]))
+    args = parse_args(argv)
+    missing = check_tools()
+    if missing:
+        print(f"missing tools: {', '.join(missing)}", file=sys.stderr)
+        return 2
+    paths = [p.strip() for p in args.paths.split(",") if p.strip()]
+    unknown = set(paths) - set(PATHS)
+    if unknown:
+        print(f"unknown paths: {', '.join(sorted(unknown))}", file=sys.stderr)
+        return 2
+    signal.signal(signal.SIGTERM, _sigterm)
+    nofile = raise_nofile()
+    requested = args.idle if args.idle is not None else (500 if args.smoke else 10_000)
+    idle_n = max(1, min(requested, (nofile - PROXY_FD_MARGIN) // 2))
+    settings = Settings(
+        duration=args.duration if args.duration is not None else (1 if args.smoke else 10),
+        idle_n=idle_n,
+        idle_n_requested=requested,
+        nginx_workers=args.nginx_workers,
+        haproxy_bulk=parse_tuning(args.haproxy_bulk),
+        haproxy_rate=parse_tuning(args.haproxy_rate),
+        repeat=max(1, args.repeat if args.repeat is not None else (1 if args.smoke else 3)),
+        smoke=args.smoke,
+    )
+    meta = collect_meta()
+    out = args.out or REPO / "bench" / "results" / f"{meta['date']}-tcp.md"
+    bench = Bench(settings)
+    results: dict[tuple[str, str], float | None] = {(p, k): float("nan") for p in PATHS for k in METRICS}
+    results.update({("direct", "idle_kb"): None})
+    try:
+        bench.start_nginx()
+        bench.measure_traffic(paths, results)
+        for path in paths:
+            bench.measure_idle(path, results)
+    except KeyboardInterrupt:
+        print("interrupted; cleaning up", file=sys.stderr)
+        return 130
+    except BenchError as exc:
+        bench.notes.append(f"aborted: {exc}")
+        print(f"aborted: {exc}", file=sys.stderr)
+    finally:
+        bench.close()
+    report = render(bench, results, meta)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(report)
+    print()
+    print(report)
+    print(f"written to {out}")
+    failed = any(v is not None and v != v for (p, _), v in results.items() if p in paths)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""Smoke run of ``bench/tcp_bench.py``: proves the harness works end to end, never judges a timing.
+
+CI runs the benchmark for 1 s per test against real HAProxy, iperf3, wrk and
+nginx; a broken harness (a proxy that no longer starts, a changed config
+format, a parser that misses a number) shows up here instead of on the day
+someone needs the numbers.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPT = REPO / "bench" / "tcp_bench.py"
+TOOLS = ("haproxy", "iperf3", "wrk", "nginx")
+#: Cells that are legitimately not applicable: the direct path has no proxy memory to measure.
+NOT_APPLICABLE = {("RSS per idle session (KB)", "direct"), ("RSS per idle session (KB)", "medlb/direct")}
+
+
+def load_bench() -> ModuleType:
+    """Import the script as a module to share its row and column titles (bench/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("medlb_bench_tcp", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve string annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+def parse_table(text: str) -> tuple[list[str], dict[str, list[str]]]:
+    """The first markdown table: its header and its rows keyed by the first cell."""
+    rows = [line for line in text.splitlines() if line.startswith("|")]
+    assert len(rows) >= 3, text
+    header = [c.strip() for c in rows[0].strip("|").split("|")]
+    table: dict[str, list[str]] = {}
+    for line in rows[2:]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) != len(header):
+            break  # the next table (Details) starts after a blank line; stop at the first mismatch
+        table[cells[0]] = cells
+    return header, table
+
+
+@pytest.mark.interop
+@pytest.mark.timeout(240)
+def test_smoke_produces_complete_numeric_table(tmp_path: Path) -> None:
+    missing = [t for t in TOOLS if shutil.which(t) is None]
+    if missing:
+        pytest.skip(f"benchmark peers not installed: {', '.join(missing)}")
+    bench = load_bench()
+    out = tmp_path / "smoke.md"
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--smoke", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=200,
+        cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    text = out.read_text()
+    main_table = text.split("\n## ")[0]
+    header, table = parse_table(main_table)
+    expected_columns = ["Metric", *bench.PATH_TITLES.values(), "medlb/direct", "medlb/HAProxy"]
+    assert header == expected_columns
+    for title in bench.METRICS.values():
+        assert title in table, f"row {title!r} missing:\n{text}"
+        for column, cell in zip(header[1:], table[title][1:], strict=True):
+            if (title, column) in NOT_APPLICABLE:
+                assert cell == "n/a", (title, column, cell)
+            else:
+                assert re.fullmatch(r"\d+(\.\d+)?x?", cell), f"{title} / {column}: {cell!r}\n{text}"
+    targets = re.findall(r"^- .+ — \*\*(met|NOT met|not measured)\*\*$", text, re.M)
+    assert len(targets) == 6 and "not measured" not in targets, text
+    assert re.search(r"^- Date \(UTC\): \d{4}-\d\d-\d\d", text, re.M)
+    assert "- Machine: " in text
