@@ -60,6 +60,9 @@ def open_listener(address: HostPort, backlog: int) -> socket.socket:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        # Accepted sockets inherit TCP_NODELAY from the listener on Linux, which
+        # saves a setsockopt per connection (tests/io check the inheritance).
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.bind(sockaddr)
         sock.listen(backlog)
         sock.setblocking(False)
@@ -76,12 +79,13 @@ def open_listener(address: HostPort, backlog: int) -> socket.socket:
 class Listener:
     """One bound socket of a frontend."""
 
-    __slots__ = ("_active", "_backoff", "frontend", "loop", "sock")
+    __slots__ = ("_active", "_backoff", "family", "frontend", "loop", "proto", "sock", "type")
 
     def __init__(self, frontend: Frontend, sock: socket.socket) -> None:
         self.frontend = frontend
         self.loop = frontend.loop
         self.sock = sock
+        self.family, self.type, self.proto = sock.family, sock.type, sock.proto
         self._active = False
         self._backoff: asyncio.TimerHandle | None = None
 
@@ -114,10 +118,14 @@ class Listener:
 
     def _accept(self) -> None:
         frontend = self.frontend
-        accept = self.sock.accept
+        # socket.accept() re-derives family/type through enum conversions on every
+        # call; _accept() plus a socket built from cached values does the same work.
+        accept = self.sock._accept  # type: ignore[attr-defined]  # CPython API, stable since 3.0
+        family, type_, proto = self.family, self.type, self.proto
         for _ in range(ACCEPT_BATCH):
             try:
-                conn, addr = accept()
+                fd, addr = accept()
+                conn = socket.socket(family, type_, proto, fileno=fd)
             except (BlockingIOError, InterruptedError):
                 return
             except ConnectionAbortedError:
@@ -136,7 +144,6 @@ class Listener:
                 log.warning("frontend %s: accept failed: %s", frontend.name, exc.strerror)
                 return
             conn.setblocking(False)
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             frontend.accepted(conn, addr)
             if frontend.full:
                 return

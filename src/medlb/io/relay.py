@@ -6,15 +6,20 @@ language allows:
 - No transports, no tasks, no coroutines: two raw non-blocking sockets and
   ``loop.add_reader`` / ``loop.add_writer`` callbacks. A wake-up costs one
   Python call and two system calls.
-- **Zero copy with ``os.splice``** (Linux): bytes go socket -> pipe -> socket
-  inside the kernel and never enter the process, as HAProxy does with
-  ``option splice-auto``. Pipes are created lazily on the first byte, so an
-  idle session holds no pipe (10,000 idle DICOM associations stay cheap).
-- Elsewhere, or when ``global.splice`` is off, a copy pump reads into one
-  reusable ``bytearray`` per direction and writes from a ``memoryview`` of it.
-- **Backpressure**: a direction stops reading its source while bytes it already
-  read are waiting for the destination; the pipe or buffer is the only
-  per-direction memory and its size is fixed.
+- **Copy first, splice for bulk** (HAProxy's ``option splice-auto``): every
+  direction starts with ``recv_into`` a scratch buffer shared by the whole
+  event loop and ``send`` from it; a session that only exchanges small
+  messages (a C-ECHO, an HL7 ACK, an HTTP health probe) never allocates a
+  buffer or a pipe. Only bytes the destination could not take at once are
+  copied out of the scratch buffer and kept. When a read fills the scratch
+  buffer the flow is bulk, and that direction switches to **zero copy with
+  ``os.splice``**: socket -> pipe -> socket inside the kernel, bytes never
+  enter the process.
+- Pipes come from a **pool** and go back to it empty, so short bulk sessions
+  do not pay ``pipe2`` + ``fcntl`` + two ``close`` each.
+- **Backpressure**: a direction stops reading its source while bytes it
+  already read are waiting for the destination; the pipe or the leftover is
+  the only per-direction memory and its size is bounded.
 - **Half-close**: end of stream on one side becomes ``shutdown(SHUT_WR)`` on
   the other once everything read has been delivered; the other direction keeps
   flowing (DICOM release and many HL7 senders rely on this).
@@ -35,22 +40,44 @@ _SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 HAVE_SPLICE = hasattr(os, "splice")
 
-#: Pipe size for splice. 64 KiB is Linux's default; 256 KiB measured faster for
-#: bulk transfers (fewer wake-ups per MB) and costs nothing while the pipe is
-#: empty, because pipe pages are allocated only when filled.
-PIPE_SIZE = 256 * 1024
-#: Buffer size of the copy pump; one buffer per direction, allocated on first use.
-COPY_BUFFER = 256 * 1024
+#: Scratch buffer size of the copy path; reads that fill it mark a bulk flow.
+COPY_CHUNK = 64 * 1024
+#: Pipe size for splice. 64 KiB is Linux's default; a larger pipe moves more
+#: per wake-up (measured in bench/) and costs nothing while it is empty: pipe
+#: pages are allocated only when filled.
+PIPE_SIZE = 1024 * 1024
+#: Empty pipes kept for reuse (2 fds each).
+PIPE_POOL_MAX = 256
+#: Splice rounds per wake-up while the source keeps filling the pipe, before
+#: yielding to the loop so other sessions are served (fairness).
+SPLICE_BATCH = 8
+
+# One event loop per thread runs a relay's callbacks, and a callback never
+# yields while it uses the scratch buffer, so one buffer per process is safe.
+_SCRATCH = bytearray(COPY_CHUNK)
+_SCRATCH_VIEW = memoryview(_SCRATCH)
+_PIPES: list[tuple[int, int]] = []
 
 #: Errors that mean "the peer reset or vanished", logged as ``<side>_reset``.
 _RESET_ERRNOS = frozenset({errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED, errno.ETIMEDOUT, errno.EHOSTUNREACH})
+
+
+def _take_pipe() -> tuple[int, int]:
+    if _PIPES:
+        return _PIPES.pop()
+    pipe_r, pipe_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        fcntl.fcntl(pipe_w, _F_SETPIPE_SZ, PIPE_SIZE)
+    except OSError:
+        pass  # unprivileged and over pipe-user-pages-soft: keep the default size
+    return pipe_r, pipe_w
 
 
 class _Pump:
     """One direction of a relay (client->server or server->client)."""
 
     __slots__ = (
-        "buf",
+        "backlog",
         "count",
         "dst",
         "dst_fd",
@@ -60,21 +87,15 @@ class _Pump:
         "pending",
         "pipe_r",
         "pipe_w",
+        "reader",
         "reading",
         "relay",
         "src",
         "src_fd",
-        "start",
         "writing",
     )
 
-    def __init__(
-        self,
-        relay: Relay,
-        name: str,
-        src: socket.socket,
-        dst: socket.socket,
-    ) -> None:
+    def __init__(self, relay: Relay, name: str, src: socket.socket, dst: socket.socket) -> None:
         self.relay = relay
         self.loop = relay.loop
         self.name = name
@@ -84,23 +105,22 @@ class _Pump:
         self.dst_fd = dst.fileno()
         self.pipe_r = -1
         self.pipe_w = -1
-        self.buf: bytearray | None = None
-        self.start = 0
+        #: Copy mode: bytes read but not yet accepted by the destination.
+        self.backlog: memoryview | None = None
+        #: Splice mode: bytes in the pipe not yet accepted by the destination.
         self.pending = 0
         self.count = 0
         self.eof = False
         self.reading = False
         self.writing = False
+        self.reader: Callable[[], None] = self.on_readable_copy
 
     # -- lifecycle ----------------------------------------------------------------------
 
     def resume_reading(self) -> None:
         if not self.reading and not self.eof:
             self.reading = True
-            self.loop.add_reader(self.src_fd, self._readable_cb())
-
-    def _readable_cb(self) -> Callable[[], None]:
-        return self.on_readable_splice if self.relay.splice else self.on_readable_copy
+            self.loop.add_reader(self.src_fd, self.reader)
 
     def stop(self) -> None:
         if self.reading:
@@ -110,58 +130,23 @@ class _Pump:
             self.loop.remove_writer(self.dst_fd)
             self.writing = False
         if self.pipe_r >= 0:
-            os.close(self.pipe_r)
-            os.close(self.pipe_w)
+            if self.pending == 0 and len(_PIPES) < PIPE_POOL_MAX:
+                _PIPES.append((self.pipe_r, self.pipe_w))
+            else:
+                os.close(self.pipe_r)
+                os.close(self.pipe_w)
             self.pipe_r = self.pipe_w = -1
+        self.backlog = None
 
     @property
     def done(self) -> bool:
-        return self.eof and self.pending == 0
+        return self.eof and self.pending == 0 and self.backlog is None
 
-    # -- splice pump --------------------------------------------------------------------
-
-    def on_readable_splice(self) -> None:
-        if self.pipe_r < 0:
-            self.pipe_r, self.pipe_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-            try:
-                fcntl.fcntl(self.pipe_w, _F_SETPIPE_SZ, PIPE_SIZE)
-            except OSError:
-                pass  # unprivileged and over pipe-user-pages-soft: keep the default size
-        try:
-            n = os.splice(self.src_fd, self.pipe_w, PIPE_SIZE, flags=_SPLICE_FLAGS)
-        except BlockingIOError:
-            return
-        except OSError as exc:
-            self.relay.abort(f"{self.name}_src_error", exc)
-            return
-        if n == 0:
-            self._end_of_stream()
-            return
-        self.count += n
-        self.pending = n
-        self.flush_splice()
-
-    def flush_splice(self) -> None:
-        while self.pending:
-            try:
-                m = os.splice(self.pipe_r, self.dst_fd, self.pending, flags=_SPLICE_FLAGS)
-            except BlockingIOError:
-                self._wait_writable(self.flush_splice)
-                return
-            except OSError as exc:
-                self.relay.abort(f"{self.name}_dst_error", exc)
-                return
-            self.pending -= m
-        self._drained()
-
-    # -- copy pump ----------------------------------------------------------------------
+    # -- copy path ------------------------------------------------------------------------
 
     def on_readable_copy(self) -> None:
-        buf = self.buf
-        if buf is None:
-            buf = self.buf = bytearray(COPY_BUFFER)
         try:
-            n = self.src.recv_into(buf)
+            n = self.src.recv_into(_SCRATCH)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
@@ -171,27 +156,84 @@ class _Pump:
             self._end_of_stream()
             return
         self.count += n
-        self.start = 0
-        self.pending = n
-        self.flush_copy()
-
-    def flush_copy(self) -> None:
-        assert self.buf is not None
-        view = memoryview(self.buf)
         try:
-            while self.pending:
+            m = self.dst.send(_SCRATCH_VIEW[:n])
+        except (BlockingIOError, InterruptedError):
+            m = 0
+        except OSError as exc:
+            self.relay.abort(f"{self.name}_dst_error", exc)
+            return
+        if m < n:
+            # Keep only what the destination did not take; the scratch buffer is shared.
+            self.backlog = memoryview(_SCRATCH[m:n])
+            self._wait_writable(self.flush_backlog)
+        elif n == COPY_CHUNK and self.relay.splice:
+            self._start_splicing()
+
+    def flush_backlog(self) -> None:
+        backlog = self.backlog
+        assert backlog is not None
+        try:
+            m = self.dst.send(backlog)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self.relay.abort(f"{self.name}_dst_error", exc)
+            return
+        if m < len(backlog):
+            self.backlog = backlog[m:]
+            return
+        self.backlog = None
+        self._drained()
+
+    def _start_splicing(self) -> None:
+        """A read filled the scratch buffer: bulk flow, go zero-copy for good."""
+        self.pipe_r, self.pipe_w = _take_pipe()
+        self.reader = self.on_readable_splice
+        if self.reading:
+            self.loop.remove_reader(self.src_fd)
+            self.loop.add_reader(self.src_fd, self.reader)
+
+    # -- splice path ----------------------------------------------------------------------
+
+    def on_readable_splice(self) -> None:
+        splice = os.splice
+        src_fd, dst_fd, pipe_r, pipe_w = self.src_fd, self.dst_fd, self.pipe_r, self.pipe_w
+        for _ in range(SPLICE_BATCH):
+            try:
+                n = splice(src_fd, pipe_w, PIPE_SIZE, flags=_SPLICE_FLAGS)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                self.relay.abort(f"{self.name}_src_error", exc)
+                return
+            if n == 0:
+                self._end_of_stream()
+                return
+            self.count += n
+            pending = n
+            while pending:
                 try:
-                    m = self.dst.send(view[self.start : self.start + self.pending])
-                except (BlockingIOError, InterruptedError):
-                    self._wait_writable(self.flush_copy)
+                    pending -= splice(pipe_r, dst_fd, pending, flags=_SPLICE_FLAGS)
+                except BlockingIOError:
+                    self.pending = pending
+                    self._wait_writable(self.flush_splice)
                     return
                 except OSError as exc:
                     self.relay.abort(f"{self.name}_dst_error", exc)
                     return
-                self.start += m
-                self.pending -= m
-        finally:
-            view.release()
+            if n < PIPE_SIZE:
+                return  # the socket is most likely drained: wait for the next wake-up
+
+    def flush_splice(self) -> None:
+        while self.pending:
+            try:
+                self.pending -= os.splice(self.pipe_r, self.dst_fd, self.pending, flags=_SPLICE_FLAGS)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                self.relay.abort(f"{self.name}_dst_error", exc)
+                return
         self._drained()
 
     # -- shared -------------------------------------------------------------------------
@@ -213,7 +255,7 @@ class _Pump:
             self._forward_shutdown()
         elif not self.reading:
             self.reading = True
-            self.loop.add_reader(self.src_fd, self._readable_cb())
+            self.loop.add_reader(self.src_fd, self.reader)
 
     def _end_of_stream(self) -> None:
         self.eof = True
@@ -221,14 +263,17 @@ class _Pump:
             self.loop.remove_reader(self.src_fd)
             self.reading = False
         self.relay.saw_eof(self)
-        if self.pending == 0:
+        if self.pending == 0 and self.backlog is None:
             self._forward_shutdown()
 
     def _forward_shutdown(self) -> None:
-        try:
-            self.dst.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass  # the peer is already gone; the other direction will notice
+        # When the other direction is finished too, the close() that follows sends
+        # the FIN: skip the shutdown syscall (one per short session).
+        if not self.relay.other(self).done:
+            try:
+                self.dst.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass  # the peer is already gone; the other direction will notice
         self.relay.pump_done()
 
 
@@ -297,6 +342,9 @@ class Relay:
             return
         self.last_count = total
         self.timer = self.loop.call_later(self.idle_timeout, self._check_idle)
+
+    def other(self, pump: _Pump) -> _Pump:
+        return self.s2c if pump is self.c2s else self.c2s
 
     def saw_eof(self, pump: _Pump) -> None:
         if not self.cause:

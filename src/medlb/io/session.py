@@ -142,6 +142,16 @@ class TcpSession:
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         err = sock.connect_ex(addr)
+        if err in _CONNECT_IN_PROGRESS:
+            # A server on the same host completes the handshake inside connect();
+            # like HAProxy's speculative I/O, look before paying for a poll round
+            # trip. One cheap syscall when the handshake is still on the wire.
+            try:
+                sock.getpeername()
+            except OSError:
+                err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) or err
+            else:
+                err = 0
         if err == 0:
             self._connected()
         elif err in _CONNECT_IN_PROGRESS:
