@@ -11,7 +11,7 @@ import pytest
 from medlb.checks.agent import AgentReply, apply_agent_reply, fetch_agent, parse_agent_reply
 from medlb.config import HostPort
 from medlb.model.health import OpState
-from medlb.model.server import AdminState, Server
+from medlb.model.server import AdminState, CheckResult, Server
 
 UP, DOWN = OpState.UP, OpState.DOWN
 READY, DRAIN, MAINT = AdminState.READY, AdminState.DRAIN, AdminState.MAINT
@@ -108,6 +108,23 @@ def test_apply_op_state_with_cause() -> None:
     apply_agent_reply(server, parse_agent_reply("up"), now=6.0)
     assert server.op_state is UP
     assert changes[-1] == ("op_state DOWN -> UP", "agent: up")
+
+
+def test_agent_up_does_not_override_failing_checks() -> None:
+    """HAProxy: "up" restores UP only if the health checks agree; and an agent that
+    repeats "up" must not reset the failure run of a server whose checks fail."""
+    server = Server("s1", HostPort("127.0.0.1", 104), backend_name="pacs", op_state=OpState.UP, fall=2)
+    server.record_check(CheckResult(False, "connection refused", at=1.0, duration=0.0))
+    apply_agent_reply(server, parse_agent_reply("up"), now=1.5)
+    server.record_check(CheckResult(False, "connection refused", at=2.0, duration=0.0))
+    assert server.op_state is DOWN  # fall=2 reached despite the agent's "up"
+    apply_agent_reply(server, parse_agent_reply("up"), now=2.5)
+    assert server.op_state is DOWN  # the last check failed: "up" is not enough
+    server.record_check(CheckResult(True, "L4OK", at=3.0, duration=0.0))
+    apply_agent_reply(server, parse_agent_reply("down"), now=3.5)
+    assert server.op_state is DOWN
+    apply_agent_reply(server, parse_agent_reply("up"), now=4.0)
+    assert server.op_state is UP  # checks are fine now: "up" lifts the agent's "down"
 
 
 def test_agent_may_undo_its_own_admin_state() -> None:

@@ -145,9 +145,15 @@ def apply_agent_reply(server: Server, reply: AgentReply, now: float) -> None:
         server.set_agent_pct(pct)
     if reply.maxconn is not None:
         server.maxconn = reply.maxconn
-    if reply.op is not None:
+    if reply.op is not None and reply.op is not server.op_state:
         word = "up" if reply.op is OpState.UP else "down"
-        server.force_op_state(reply.op, now, f"agent: {word} ({cause})" if cause else f"agent: {word}")
+        # HAProxy: "up" brings the server back only "if health checks also report
+        # that the service is accessible"; "down" forces it DOWN whatever they say.
+        # Acting only on a change also keeps an agent that repeats "up" every poll
+        # from resetting the failure run of a server whose checks are failing.
+        check = server.last_check
+        if reply.op is OpState.DOWN or check is None or check.ok:
+            server.force_op_state(reply.op, now, f"agent: {word} ({cause})" if cause else f"agent: {word}")
 
 
 async def fetch_agent(host: str, port: int, send: str | None, timeout: float) -> str:  # noqa: ASYNC109 - the deadline is part of the verdict
