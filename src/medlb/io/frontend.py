@@ -183,6 +183,12 @@ class Frontend:
         self.stopping = False
         self.idle_event = asyncio.Event()
         self.idle_event.set()
+        # One sweeper per frontend enforces the idle timeout of all its sessions:
+        # a quarter of the timeout between passes, at least 50 ms, at most 1 s.
+        self.sweep_interval = min(max(self.idle_timeout / 4, 0.05), 1.0)
+        self._sweeper: asyncio.TimerHandle | None = None
+        if self.idle_timeout > 0:
+            self._sweeper = loop.call_later(self.sweep_interval, self._sweep)
 
     @property
     def cur_sessions(self) -> int:
@@ -221,6 +227,15 @@ class Frontend:
         if not sessions:
             self.idle_event.set()
 
+    def _sweep(self) -> None:
+        now = self.loop.time()
+        idle = self.idle_timeout
+        for session in list(self.sessions):
+            relay = session.relay
+            if relay is not None and not relay.closed:
+                relay.sweep(now, idle)
+        self._sweeper = self.loop.call_later(self.sweep_interval, self._sweep)
+
     def close_listeners(self) -> None:
         """Stop accepting (graceful stop, first step); sessions keep running."""
         self.stopping = True
@@ -228,7 +243,10 @@ class Frontend:
             listener.close()
 
     def abort_sessions(self, cause: str) -> int:
-        """Close every session now (hard stop). Returns how many were closed."""
+        """Close every session now (hard stop) and stop the sweeper. Returns how many were closed."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         sessions = list(self.sessions)
         for session in sessions:
             session.abort(cause)

@@ -23,8 +23,9 @@ language allows:
 - **Half-close**: end of stream on one side becomes ``shutdown(SHUT_WR)`` on
   the other once everything read has been delivered; the other direction keeps
   flowing (DICOM release and many HL7 senders rely on this).
-- **Idle timeout** without a timer reset per chunk: one timer per session fires
-  at the timeout and re-arms itself if the byte counters moved meanwhile.
+- **Idle timeout** without a timer per session or a reset per chunk: the
+  frontend's sweeper compares each relay's byte counters with what it saw on
+  its previous pass (see :meth:`Relay.sweep`).
 """
 
 from __future__ import annotations
@@ -288,14 +289,13 @@ class Relay:
         "cause",
         "client",
         "closed",
-        "idle_timeout",
         "last_count",
         "loop",
         "on_close",
+        "quiet_since",
         "s2c",
         "server",
         "splice",
-        "timer",
     )
 
     def __init__(
@@ -305,7 +305,6 @@ class Relay:
         server: socket.socket,
         on_close: Callable[[str], None],
         *,
-        idle_timeout: float,
         splice: bool = True,
     ) -> None:
         self.loop = loop
@@ -313,19 +312,17 @@ class Relay:
         self.server = server
         self.on_close = on_close
         self.splice = splice and HAVE_SPLICE
-        self.idle_timeout = idle_timeout
         self.closed = False
         self.cause = ""
         self.c2s = _Pump(self, "client", client, server)
         self.s2c = _Pump(self, "server", server, client)
         self.last_count = 0
-        self.timer: asyncio.TimerHandle | None = None
+        #: When the sweeper last saw the counters move; negative until its first pass.
+        self.quiet_since = -1.0
 
     def start(self) -> None:
         self.c2s.resume_reading()
         self.s2c.resume_reading()
-        if self.idle_timeout > 0:
-            self.timer = self.loop.call_later(self.idle_timeout, self._check_idle)
 
     @property
     def bytes_c2s(self) -> int:
@@ -335,13 +332,18 @@ class Relay:
     def bytes_s2c(self) -> int:
         return self.s2c.count
 
-    def _check_idle(self) -> None:
+    def sweep(self, now: float, idle_timeout: float) -> None:
+        """Close the relay if no byte moved for ``idle_timeout``; called periodically.
+
+        Precision is one sweep interval, which is all an idle timeout of seconds
+        to hours needs, and the data path pays nothing for it.
+        """
         total = self.c2s.count + self.s2c.count
-        if total == self.last_count:
+        if total != self.last_count or self.quiet_since < 0:
+            self.last_count = total
+            self.quiet_since = now
+        elif now - self.quiet_since >= idle_timeout:
             self.close("idle_timeout")
-            return
-        self.last_count = total
-        self.timer = self.loop.call_later(self.idle_timeout, self._check_idle)
 
     def other(self, pump: _Pump) -> _Pump:
         return self.s2c if pump is self.c2s else self.c2s
@@ -370,9 +372,6 @@ class Relay:
         if self.closed:
             return
         self.closed = True
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
         self.c2s.stop()
         self.s2c.stop()
         self.client.close()

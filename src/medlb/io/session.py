@@ -236,7 +236,6 @@ class TcpSession:
             self.client,
             sock,
             self._relay_closed,
-            idle_timeout=self.frontend.idle_timeout,
             splice=self.frontend.splice,
         )
         self.relay.start()
