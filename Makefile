@@ -37,7 +37,7 @@ unit: venv
 test: deps venv lint typecheck unit
 
 bench: deps venv
-	$(BIN)/python bench/tcp_bench.py --out bench/results/$$(date -u +%F)-tcp.md
+	$(BIN)/python bench/tcp_bench.py
 
 bench-smoke: deps venv
 	$(BIN)/python bench/tcp_bench.py --smoke --out /tmp/medlb-bench-smoke.md

@@ -932,6 +932,7 @@ def collect_meta() -> dict[str, str]:
         medlb_version = version("medlb")
     return {
         "date": now.strftime("%Y-%m-%d"),
+        "stamp": now.strftime("%Y-%m-%d-%H%M"),
         "datetime": now.strftime("%Y-%m-%d %H:%M:%S UTC"),
         "host": platform.node(),
         "cpu": cpu_model(),
@@ -954,7 +955,7 @@ def collect_meta() -> dict[str, str]:
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     p.add_argument("--smoke", action="store_true", help="1 s tests and 500 idle sessions: proves the harness runs")
-    p.add_argument("--out", type=Path, help="markdown output (default bench/results/<date>-tcp.md)")
+    p.add_argument("--out", type=Path, help="markdown output (default bench/results/<date>-<HHMM>-tcp.md)")
     p.add_argument("--duration", type=int, help="seconds per iperf3 and wrk test (default 10, smoke 1)")
     p.add_argument("--repeat", type=int, help="interleaved repetitions of bulk/rate tests, median shown (default 3)")
     p.add_argument("--idle", type=int, help="idle sessions (default 10000, smoke 500; capped by the fd limit)")
@@ -1015,7 +1016,7 @@ def main(argv: list[str] | None = None) -> int:
         smoke=args.smoke,
     )
     meta = collect_meta()
-    out = args.out or REPO / "bench" / "results" / f"{meta['date']}-tcp.md"
+    out = args.out or REPO / "bench" / "results" / f"{meta['stamp']}-tcp.md"
     bench = Bench(settings)
     results: dict[tuple[str, str], float | None] = {(p, k): float("nan") for p in PATHS for k in METRICS}
     results.update({("direct", "idle_kb"): None})

@@ -420,3 +420,40 @@ def test_accepted_sockets_inherit_tcp_nodelay() -> None:
                 assert conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
     finally:
         listener.close()
+
+
+def test_connect_timeout_fails_fast_and_redispatches(run: Runner) -> None:
+    """A server that accepts no connection (its accept queue is full, so SYNs are
+    dropped) costs the client ``timeouts.connect``, not the kernel's minutes of SYN
+    retries: medlb gives up on it and redispatches to a live server."""
+
+    async def main() -> None:
+        blackhole = socket.socket()
+        blackhole.bind(("127.0.0.1", 0))
+        blackhole.listen(0)
+        fillers = []
+        for _ in range(3):  # fill the accept queue; later SYNs are dropped
+            filler = socket.socket()
+            filler.setblocking(False)
+            filler.connect_ex(blackhole.getsockname())
+            fillers.append(filler)
+        await asyncio.sleep(0.1)
+        echo = EchoServer("alive")
+        port = await echo.start()
+        dead = up_server("dead", blackhole.getsockname()[1])
+        timeouts = ResolvedTimeouts(connect=0.3, client=30.0, server=30.0, queue=1.0, check=1.0)
+        try:
+            async with lab([dead, up_server("alive", port)], timeouts=timeouts) as env:
+                loop = asyncio.get_running_loop()
+                start = loop.time()
+                greeting, rest = await roundtrip(env.port, b"x")
+                elapsed = loop.time() - start
+                assert greeting == b"alive\n" and rest == b"xbye"
+                assert 0.25 < elapsed < 2.0
+                assert dead.connect_errors == 1 and env.errors == [dead]
+        finally:
+            for filler in fillers:
+                filler.close()
+            blackhole.close()
+
+    run(main())
