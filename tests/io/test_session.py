@@ -457,3 +457,56 @@ def test_connect_timeout_fails_fast_and_redispatches(run: Runner) -> None:
             blackhole.close()
 
     run(main())
+
+
+def test_server_reset_is_passed_on_as_a_reset(run: Runner) -> None:
+    """A server that aborts mid-response must not look like a clean end to the
+    client: medlb resets the client connection instead of closing it with a FIN."""
+
+    async def main() -> None:
+        async def abort_midway(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writer.write(b"partial response")
+            await writer.drain()
+            await reader.read(1)  # wait for the client's request byte
+            sock = writer.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+            writer.transport.abort()
+
+        srv = await asyncio.start_server(abort_midway, "127.0.0.1", 0)
+        _OPEN_SERVERS.append(srv)
+        async with lab([up_server("s1", srv.sockets[0].getsockname()[1])]) as env:
+            reader, writer = await asyncio.open_connection("127.0.0.1", env.port)
+            assert await reader.readexactly(16) == b"partial response"
+            writer.write(b"x")
+            with pytest.raises(ConnectionResetError):
+                await asyncio.wait_for(reader.read(), 3)
+            writer.close()
+            await asyncio.sleep(0.05)
+            assert env.frontend.cur_sessions == 0
+
+    run(main())
+
+
+def test_server_reset_before_any_byte_is_retried_elsewhere(run: Runner) -> None:
+    """A server that accepts and resets at once (dying, or shedding load): nothing
+    was exchanged, so medlb redispatches and the client never notices."""
+
+    async def main() -> None:
+        async def reset_at_once(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            sock = writer.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+            writer.transport.abort()
+
+        bad = await asyncio.start_server(reset_at_once, "127.0.0.1", 0)
+        _OPEN_SERVERS.append(bad)
+        echo = EchoServer("alive")
+        port = await echo.start()
+        flaky = up_server("flaky", bad.sockets[0].getsockname()[1])
+        async with lab([flaky, up_server("alive", port)]) as env:
+            for _ in range(4):
+                greeting, rest = await roundtrip(env.port, b"data")
+                assert greeting == b"alive\n" and rest == b"databye"
+            assert flaky.connect_errors >= 2
+            assert flaky.cur_sessions == 0
+
+    run(main())

@@ -59,6 +59,9 @@ _SCRATCH = bytearray(COPY_CHUNK)
 _SCRATCH_VIEW = memoryview(_SCRATCH)
 _PIPES: list[tuple[int, int]] = []
 
+#: SO_LINGER on, 0 seconds: close() sends a RST instead of a FIN.
+LINGER_RESET = b"\x01\x00\x00\x00\x00\x00\x00\x00"
+
 #: Errors that mean "the peer reset or vanished", logged as ``<side>_reset``.
 _RESET_ERRNOS = frozenset({errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED, errno.ETIMEDOUT, errno.EHOSTUNREACH})
 
@@ -292,6 +295,7 @@ class Relay:
         "last_count",
         "loop",
         "on_close",
+        "on_early_reset",
         "quiet_since",
         "s2c",
         "server",
@@ -306,11 +310,15 @@ class Relay:
         on_close: Callable[[str], None],
         *,
         splice: bool = True,
+        on_early_reset: Callable[[], None] | None = None,
     ) -> None:
         self.loop = loop
         self.client = client
         self.server = server
         self.on_close = on_close
+        #: Called instead of ``on_close`` when the server resets before a single
+        #: byte moved either way; the client socket is then left open for a retry.
+        self.on_early_reset = on_early_reset
         self.splice = splice and HAVE_SPLICE
         self.closed = False
         self.cause = ""
@@ -357,21 +365,50 @@ class Relay:
             self.close(self.cause or "done")
 
     def abort(self, where: str, exc: OSError) -> None:
+        """A side failed: reset *both* connections.
+
+        Closing the survivor with a FIN would tell it the stream ended cleanly;
+        for a response delimited by the connection's end (HTTP/1.0, many HL7 and
+        raw TCP feeds) that turns a truncated transfer into an apparent success.
+        A reset is the only honest way to pass an abort on.
+        """
         if exc.errno in _RESET_ERRNOS:
             side = where.split("_", 1)[0]
             # A failed write names the destination: a reset seen writing to the
             # server is the server's reset, not the client's.
             if where.endswith("dst_error"):
                 side = "server" if side == "client" else "client"
-            self.close(f"{side}_reset")
+            if side == "server" and self.on_early_reset is not None and self.c2s.count == 0 and self.s2c.count == 0:
+                # The server reset before anything was exchanged (typically a
+                # server dying with connections still in its accept queue).
+                # Nothing was delivered either way, so another server can take
+                # the session without replaying a byte: hand the client back.
+                self.closed = True
+                self.c2s.stop()
+                self.s2c.stop()
+                self.server.close()
+                self.on_early_reset()
+                return
+            cause = f"{side}_reset"
         else:
-            self.close(f"{where}:{errno.errorcode.get(exc.errno or 0, exc.errno)}")
+            cause = f"{where}:{errno.errorcode.get(exc.errno or 0, exc.errno)}"
+        self.close(cause, reset=True)
 
-    def close(self, cause: str) -> None:
-        """Stop both directions and close both sockets. Idempotent."""
+    def close(self, cause: str, *, reset: bool = False) -> None:
+        """Stop both directions and close both sockets. Idempotent.
+
+        ``reset`` closes with a RST instead of a FIN: for aborts, where a FIN would
+        let a peer take a cut transfer for a complete one (see :meth:`abort`).
+        """
         if self.closed:
             return
         self.closed = True
+        if reset:
+            for sock in (self.client, self.server):
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
+                except OSError:
+                    pass
         self.c2s.stop()
         self.s2c.stop()
         self.client.close()

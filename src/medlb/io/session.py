@@ -26,7 +26,7 @@ import logging
 import socket
 from typing import TYPE_CHECKING
 
-from medlb.io.relay import Relay
+from medlb.io.relay import LINGER_RESET, Relay
 from medlb.model.server import Server
 from medlb.proto import proxy_protocol
 
@@ -237,8 +237,14 @@ class TcpSession:
             sock,
             self._relay_closed,
             splice=self.frontend.splice,
+            on_early_reset=self._server_reset_early,
         )
         self.relay.start()
+
+    def _server_reset_early(self) -> None:
+        """The server reset before any byte moved: retry like a failed connect."""
+        self.relay = None
+        self._connect_failed("reset_before_data")
 
     # -- the end ------------------------------------------------------------------------
 
@@ -256,16 +262,19 @@ class TcpSession:
         try:
             # RST rather than FIN: a client must not mistake a refused session for an
             # orderly empty answer (SO_LINGER 0, as HAProxy does on errors).
-            self.client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+            self.client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
         except OSError:
             pass
         self.client.close()
         self._done(cause)
 
     def abort(self, cause: str) -> None:
-        """Close the session now, wherever it is (hard stop, operator shutdown)."""
+        """Close the session now, wherever it is (hard stop, operator shutdown).
+
+        Both sides get a RST: a session cut in the middle must never look finished.
+        """
         if self.relay is not None:
-            self.relay.close(cause)
+            self.relay.close(cause, reset=True)
             return
         if self.timer is not None:
             self.timer.cancel()
