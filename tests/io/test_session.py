@@ -510,3 +510,40 @@ def test_server_reset_before_any_byte_is_retried_elsewhere(run: Runner) -> None:
             assert flaky.cur_sessions == 0
 
     run(main())
+
+
+def test_ipv6_frontend_and_server(run: Runner) -> None:
+    """Dual-stack hospitals: bind on [::1], relay to a server on [::1]."""
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 in this kernel")
+
+    async def main() -> None:
+        async def greet6(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writer.write(b"v6\n")
+            await writer.drain()
+            writer.close()
+
+        try:
+            srv = await asyncio.start_server(greet6, "::1", 0)
+        except OSError:
+            pytest.skip("::1 is not configured")
+        _OPEN_SERVERS.append(srv)
+        port = srv.sockets[0].getsockname()[1]
+        server = Server("s6", HostPort("::1", port), op_state=OpState.UP)
+        server.sockaddr = (socket.AF_INET6, ("::1", port, 0, 0))
+        loop = asyncio.get_running_loop()
+        backend = Backend("pool", [server], make_balancer("roundrobin"), BackendPolicy(), loop.time)
+        frontend = Frontend(loop, "fe6", backend, maxconn=10, timeouts=TIMEOUTS)
+        listener = frontend.add_listener(open_listener(HostPort("::1", 0), 8))
+        try:
+            reader, writer = await asyncio.open_connection("::1", listener.address[1])
+            assert await asyncio.wait_for(reader.read(), 5) == b"v6\n"
+            writer.close()
+        finally:
+            frontend.close_listeners()
+            frontend.abort_sessions("test_end")
+            srv.close()
+            await srv.wait_closed()
+            _OPEN_SERVERS.remove(srv)
+
+    run(main())
