@@ -82,7 +82,7 @@ medlb demo is running.
 
 Try:
   python3 -c "import socket; print(socket.create_connection(('{host}', {port})).recv(64).decode())"
-      run it a few times: s1, s2, s2, s1, ... (smooth weighted round robin)
+      run it a few times: s2 answers two sessions in three (weight 2), interleaved with s1
   bash -c 'exec 3<>/dev/tcp/{host}/{port}; head -1 <&3'
 
 Stop with Ctrl-C.
