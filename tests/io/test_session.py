@@ -8,16 +8,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import os
 import socket
-from collections.abc import AsyncIterator
+import time
+import types
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import pytest
 
 from medlb.balance import make_balancer
 from medlb.config import HostPort, ResolvedTimeouts
+from medlb.io import relay as relay_module
+from medlb.io import session as session_module
 from medlb.io.frontend import Frontend, open_listener
 from medlb.model.backend import Backend, BackendPolicy
 from medlb.model.health import OpState
@@ -96,6 +101,7 @@ async def lab(
     maxqueue: int = 0,
     splice: bool = True,
     timeouts: ResolvedTimeouts = TIMEOUTS,
+    backlog: int = 128,
 ) -> AsyncIterator[Lab]:
     loop = asyncio.get_running_loop()
     backend = Backend("pool", servers, make_balancer(balance), BackendPolicy(retries, redispatch, maxqueue), loop.time)
@@ -109,7 +115,7 @@ async def lab(
             pass
 
     frontend = Frontend(loop, "fe", backend, maxconn=maxconn, timeouts=timeouts, observer=Observer(), splice=splice)
-    listener = frontend.add_listener(open_listener(HostPort("127.0.0.1", 0), 128))
+    listener = frontend.add_listener(open_listener(HostPort("127.0.0.1", 0), backlog))
     try:
         yield Lab(frontend, backend, listener.address[1], errors)
     finally:
@@ -137,6 +143,15 @@ async def roundtrip(port: int, payload: bytes) -> tuple[bytes, bytes]:
     await sender
     writer.close()
     return greeting, rest
+
+
+async def eventually(predicate: Callable[[], bool], limit: float = 10.0) -> None:
+    """Poll ``predicate`` until it holds, for at most ``limit`` seconds."""
+    for _ in range(int(limit / 0.02)):
+        if predicate():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("condition not met in time")
 
 
 async def read_all_or_reset(port: int, wait: float = 2.0) -> bytes:
@@ -358,7 +373,10 @@ def test_idle_timeout_closes_silent_session(run: Runner) -> None:
             reader, writer = await asyncio.open_connection("127.0.0.1", env.port)
             assert await reader.readline() == b"s1\n"
             start = asyncio.get_running_loop().time()
-            assert await asyncio.wait_for(reader.read(), 3) == b""
+            # A reset, not a clean end: the client must not take a stalled
+            # transfer for a finished one.
+            with pytest.raises(ConnectionResetError):
+                await asyncio.wait_for(reader.read(), 3)
             elapsed = asyncio.get_running_loop().time() - start
             assert 0.2 < elapsed < 1.5
             writer.close()
@@ -545,5 +563,151 @@ def test_ipv6_frontend_and_server(run: Runner) -> None:
             srv.close()
             await srv.wait_closed()
             _OPEN_SERVERS.remove(srv)
+
+    run(main())
+
+
+def test_a_dirty_pipe_never_reaches_the_next_session(run: Runner) -> None:
+    """Regression: a client reset while its pump still had spliced bytes in the
+    pipe used to return that pipe to the pool, and the next bulk session received
+    the previous session's bytes (one patient's data in another's stream)."""
+    relay_module._PIPES.clear()
+
+    async def main() -> None:
+        served = 0
+
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            nonlocal served
+            first = served == 0
+            served += 1
+            with contextlib.suppress(ConnectionError):
+                writer.write((b"A" if first else b"B") * (1 << 20))
+                await writer.drain()
+                if first:
+                    await reader.read()  # the client's FIN, forwarded
+                    await asyncio.sleep(0.2)  # the client has reset meanwhile
+                    writer.write(b"A" * (256 << 10))
+                    await writer.drain()
+            writer.close()
+
+        srv = await asyncio.start_server(handle, "127.0.0.1", 0)
+        _OPEN_SERVERS.append(srv)
+        async with lab([up_server("s1", srv.sockets[0].getsockname()[1])]) as env:
+
+            def reset_after_reading() -> None:
+                c = socket.create_connection(("127.0.0.1", env.port))
+                got = 0
+                while got < (1 << 20):
+                    got += len(c.recv(1 << 20))
+                c.shutdown(socket.SHUT_WR)
+                time.sleep(0.05)
+                c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+                c.close()
+
+            def read_all() -> bytes:
+                with socket.create_connection(("127.0.0.1", env.port)) as c:
+                    data = bytearray()
+                    while chunk := c.recv(1 << 20):
+                        data += chunk
+                    return bytes(data)
+
+            await asyncio.to_thread(reset_after_reading)
+            await asyncio.sleep(0.5)
+            data = await asyncio.to_thread(read_all)
+            assert data == b"B" * (1 << 20)
+
+    run(main())
+
+
+def test_a_long_queue_drains_when_its_server_dies(run: Runner) -> None:
+    """Regression: hundreds of queued sessions whose grants all fail at once used
+    to recurse once per waiter (RecursionError, slots and sessions stuck)."""
+    n = 300
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        errors: list[object] = []
+        loop.set_exception_handler(lambda _loop, ctx: errors.append(ctx.get("exception")))
+
+        async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writer.write(b"hi\n")
+            await writer.drain()
+            await reader.read()
+            writer.close()
+
+        srv = await asyncio.start_server(hold, "127.0.0.1", 0)
+        server = up_server("s1", srv.sockets[0].getsockname()[1], maxconn=1)
+        timeouts = ResolvedTimeouts(connect=1.0, client=30.0, server=30.0, queue=20.0, check=1.0)
+        async with lab([server], maxconn=n + 10, timeouts=timeouts, backlog=n + 10) as env:
+            first_r, first_w = await asyncio.open_connection("127.0.0.1", env.port)
+            assert await first_r.readline() == b"hi\n"
+            clients = []
+            for _ in range(n):
+                c = socket.socket()
+                c.setblocking(False)
+                c.connect_ex(("127.0.0.1", env.port))
+                clients.append(c)
+            await eventually(lambda: len(env.backend.queue) == n)
+            srv.close()
+            await srv.wait_closed()
+            first_w.close()
+            await asyncio.wait_for(env.frontend.idle_event.wait(), 10)
+            assert not env.backend.queue and server.cur_sessions == 0 and env.backend.cur_sessions == 0
+            assert errors == []
+            for c in clients:
+                c.close()
+
+    run(main())
+
+
+def test_timed_out_waiters_leave_the_queue_at_once(run: Runner) -> None:
+    """Regression: waiters that timed out stayed in the deque and counted against
+    maxqueue, so new clients were refused as queue_full with nobody waiting."""
+
+    async def main() -> None:
+        echo = EchoServer("s1")
+        port = await echo.start()
+        timeouts = ResolvedTimeouts(connect=1.0, client=30.0, server=30.0, queue=0.2, check=1.0)
+        async with lab([up_server("s1", port, maxconn=1)], maxqueue=2, timeouts=timeouts) as env:
+            r, w = await asyncio.open_connection("127.0.0.1", env.port)
+            assert await r.readline() == b"s1\n"
+            waiting = [await asyncio.open_connection("127.0.0.1", env.port) for _ in range(2)]
+            await asyncio.sleep(0.5)
+            assert env.backend.queue_timeouts == 2 and len(env.backend.queue) == 0
+            late = await asyncio.open_connection("127.0.0.1", env.port)
+            await asyncio.sleep(0.05)
+            assert env.backend.queue_full == 0 and len(env.backend.queue) == 1
+            w.close()
+            for _, writer in [*waiting, late]:
+                writer.close()
+
+    run(main())
+
+
+def test_no_socket_for_the_server_frees_the_slot(run: Runner, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Regression: when socket() failed (fd exhaustion) the server slot leaked, and
+    with maxconn 1 every later client queued until it timed out."""
+
+    async def main() -> None:
+        echo = EchoServer("s1")
+        port = await echo.start()
+        server = up_server("s1", port, maxconn=1)
+        async with lab([server]) as env:
+
+            def no_fds(*args: object, **kwargs: object) -> socket.socket:
+                raise OSError(errno.EMFILE, "Too many open files")
+
+            # Only the session module's view of ``socket`` fails; the test's own do not.
+            shim = types.SimpleNamespace(**{k: getattr(socket, k) for k in dir(socket) if not k.startswith("__")})
+            shim.socket = no_fds
+            monkeypatch.setattr(session_module, "socket", shim)
+            try:
+                assert await read_all_or_reset(env.port) in (b"", b"reset")
+            finally:
+                monkeypatch.setattr(session_module, "socket", socket)
+            await asyncio.sleep(0.05)
+            assert server.cur_sessions == 0 and not server.full
+            greeting, _ = await roundtrip(env.port, b"")
+            assert greeting == b"s1\n"
 
     run(main())

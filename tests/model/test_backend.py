@@ -3,9 +3,11 @@ how admin states (READY / DRAIN / MAINT) gate new sessions."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from medlb.balance import make_balancer
+from medlb.balance.base import Balancer
 from medlb.config import HostPort
 from medlb.model.backend import Backend, BackendPolicy
 from medlb.model.health import OpState
@@ -24,6 +26,7 @@ def backend(*servers: Server, balance: str = "roundrobin", maxqueue: int = 0) ->
 class FakeWaiter:
     cancelled: bool = False
     granted: list[Server] = field(default_factory=list)
+    key: bytes | None = None
 
     def grant(self, server: Server) -> None:
         self.granted.append(server)
@@ -155,3 +158,51 @@ def test_slowstart_ramps_only_after_recovery() -> None:
     assert a.effective_weight(110.0) == 10
     a.set_agent_pct(50)
     assert a.effective_weight(200.0) == 5.0
+
+
+class RecordingBalancer(Balancer):
+    needs_key = True
+
+    def __init__(self) -> None:
+        self.keys: list[bytes | None] = []
+
+    def pick(self, candidates: Sequence[Server], now: float, key: bytes | None = None) -> Server | None:
+        self.keys.append(key)
+        return candidates[0] if candidates else None
+
+
+def test_queued_sessions_keep_their_hash_key() -> None:
+    """Regression: the queue used to select without the key, so under ``source`` every
+    queued client hashed alike and landed on one server."""
+    a = srv("a", maxconn=1)
+    balancer = RecordingBalancer()
+    b = Backend("pool", [a], balancer, BackendPolicy(), lambda: 0.0)
+    assert b.select(b"10.0.0.1") is a
+    waiter = FakeWaiter(key=b"10.0.0.2")
+    b.queue.append(waiter)
+    b.release(a)
+    assert waiter.granted == [a]
+    assert balancer.keys == [b"10.0.0.1", b"10.0.0.2"]
+
+
+def test_dispatch_is_not_reentrant() -> None:
+    """A grant that frees its slot at once (its connect failed) re-enters
+    dispatch_queue; the nested call must not recurse but make the outer loop go on."""
+    a = srv("a", maxconn=1)
+    b = backend(a)
+    order: list[int] = []
+
+    @dataclass
+    class FailingWaiter:
+        n: int
+        cancelled: bool = False
+        key: bytes | None = None
+
+        def grant(self, server: Server) -> None:
+            order.append(self.n)
+            b.release(server)  # connect failed at once: give the slot back
+
+    assert b.select() is a
+    b.queue.extend(FailingWaiter(i) for i in range(2000))  # deep enough to overflow the stack
+    b.release(a)
+    assert order == list(range(2000)) and not b.queue and a.cur_sessions == 0

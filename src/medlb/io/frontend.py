@@ -228,13 +228,17 @@ class Frontend:
             self.idle_event.set()
 
     def _sweep(self) -> None:
+        # Re-arm first: a failure below must never switch idle timeouts off.
+        self._sweeper = self.loop.call_later(self.sweep_interval, self._sweep)
         now = self.loop.time()
         idle = self.idle_timeout
         for session in list(self.sessions):
             relay = session.relay
             if relay is not None and not relay.closed:
-                relay.sweep(now, idle)
-        self._sweeper = self.loop.call_later(self.sweep_interval, self._sweep)
+                try:
+                    relay.sweep(now, idle)
+                except Exception:
+                    log.exception("frontend %s: idle sweep of a session failed", self.name)
 
     def close_listeners(self) -> None:
         """Stop accepting (graceful stop, first step); sessions keep running."""

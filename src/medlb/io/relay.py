@@ -35,6 +35,8 @@ import errno
 import fcntl
 import os
 import socket
+import sys
+import termios
 from collections.abc import Callable
 
 _SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
@@ -64,6 +66,14 @@ LINGER_RESET = b"\x01\x00\x00\x00\x00\x00\x00\x00"
 
 #: Errors that mean "the peer reset or vanished", logged as ``<side>_reset``.
 _RESET_ERRNOS = frozenset({errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED, errno.ETIMEDOUT, errno.EHOSTUNREACH})
+
+
+def _pipe_is_empty(pipe_r: int) -> bool:
+    try:
+        pending = fcntl.ioctl(pipe_r, termios.FIONREAD, b"\0\0\0\0")
+    except OSError:
+        return False
+    return int.from_bytes(pending, sys.byteorder) == 0
 
 
 def _take_pipe() -> tuple[int, int]:
@@ -134,7 +144,9 @@ class _Pump:
             self.loop.remove_writer(self.dst_fd)
             self.writing = False
         if self.pipe_r >= 0:
-            if self.pending == 0 and len(_PIPES) < PIPE_POOL_MAX:
+            # A pooled pipe must be empty, or its bytes would reach the next session:
+            # trust the counter, then ask the kernel (one ioctl per returned pipe).
+            if self.pending == 0 and len(_PIPES) < PIPE_POOL_MAX and _pipe_is_empty(self.pipe_r):
                 _PIPES.append((self.pipe_r, self.pipe_w))
             else:
                 os.close(self.pipe_r)
@@ -192,7 +204,12 @@ class _Pump:
 
     def _start_splicing(self) -> None:
         """A read filled the scratch buffer: bulk flow, go zero-copy for good."""
-        self.pipe_r, self.pipe_w = _take_pipe()
+        try:
+            self.pipe_r, self.pipe_w = _take_pipe()
+        except OSError:
+            # Out of fds for a pipe: this relay keeps copying, correct if slower.
+            self.relay.splice = False
+            return
         self.reader = self.on_readable_splice
         if self.reading:
             self.loop.remove_reader(self.src_fd)
@@ -224,6 +241,7 @@ class _Pump:
                     self._wait_writable(self.flush_splice)
                     return
                 except OSError as exc:
+                    self.pending = pending  # the pipe is dirty: stop() must not pool it
                     self.relay.abort(f"{self.name}_dst_error", exc)
                     return
             if n < PIPE_SIZE:
@@ -351,7 +369,9 @@ class Relay:
             self.last_count = total
             self.quiet_since = now
         elif now - self.quiet_since >= idle_timeout:
-            self.close("idle_timeout")
+            # A reset, not a FIN: a server that stalled mid-response must not look
+            # to the client like one that finished.
+            self.close("idle_timeout", reset=True)
 
     def other(self, pump: _Pump) -> _Pump:
         return self.s2c if pump is self.c2s else self.c2s

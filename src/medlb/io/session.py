@@ -60,6 +60,7 @@ class TcpSession:
         "connected_at",
         "excluded",
         "frontend",
+        "key",
         "loop",
         "queue_timer",
         "relay",
@@ -82,6 +83,11 @@ class TcpSession:
         self.attempts = 0
         self.excluded: list[Server] = []
         self.cancelled = False  # read by the backend queue
+        #: The balancing key (client address) when the algorithm hashes; kept so a
+        #: session served from the queue keeps its affinity.
+        self.key: bytes | None = (
+            client_addr[0].encode() if frontend.backend.balancer.needs_key else None
+        )
         self.connect_ms = -1.0
         self.connected_at = 0.0
 
@@ -89,11 +95,15 @@ class TcpSession:
 
     def start(self) -> None:
         backend = self.frontend.backend
-        key = self._hash_key() if backend.balancer.needs_key else None
-        server = backend.select(key)
+        server = backend.select(self.key)
         if server is not None:
             self._connect(server)
-            return
+        else:
+            self._queue_or_refuse("no_server")
+
+    def _queue_or_refuse(self, cause: str) -> None:
+        """No server slot now: wait in the queue if servers are merely full, else end."""
+        backend = self.frontend.backend
         if backend.saturated():
             if backend.can_queue():
                 backend.queue.append(self)
@@ -102,11 +112,9 @@ class TcpSession:
             backend.queue_full += 1
             self.finish("queue_full")
             return
-        backend.no_server += 1
-        self.finish("no_server")
-
-    def _hash_key(self) -> bytes:
-        return self.client_addr[0].encode()
+        if cause == "no_server":
+            backend.no_server += 1
+        self.finish(cause)
 
     def grant(self, server: Server) -> None:
         """Called by the backend queue with a slot already taken on ``server``."""
@@ -115,9 +123,17 @@ class TcpSession:
             self.queue_timer = None
         self._connect(server)
 
+    def _leave_queue(self) -> None:
+        """Drop out of the queue at once, so a dead waiter never counts against maxqueue."""
+        self.cancelled = True
+        try:
+            self.frontend.backend.queue.remove(self)
+        except ValueError:
+            pass
+
     def _queue_timeout(self) -> None:
         self.queue_timer = None
-        self.cancelled = True
+        self._leave_queue()
         self.frontend.backend.queue_timeouts += 1
         self.finish("queue_timeout")
 
@@ -136,6 +152,8 @@ class TcpSession:
         except OSError as exc:
             # fd exhaustion: nothing to retry against; fail this session cleanly.
             log.error("cannot create a socket to %s: %s", server.key, exc.strerror)
+            self.server = None
+            self.frontend.backend.release(server)
             self.finish("resource_error")
             return
         self.server_sock = sock
@@ -188,26 +206,32 @@ class TcpSession:
             self.server_sock = None
         server.connect_errors += 1
         backend.connect_errors += 1
-        self.server = None
-        backend.release(server)
         self.frontend.observer.report_connect_error(server)
         log.info("connect to %s (%s) failed: %s (attempt %d)", server.key, server.address, reason, self.attempts)
-        retries = backend.policy.retries
-        if self.attempts > retries:
+        if self.attempts > backend.policy.retries:
+            self.server = None
+            backend.release(server)
             self.finish(f"connect_failed:{reason}")
             return
         server.retries += 1
+        # Pick the next server *before* freeing the failed slot, or the queue
+        # would take that slot and leave this retry with nothing.
+        nxt: Server | None
         if backend.policy.redispatch:
             self.excluded.append(server)
-            nxt = backend.select(self._hash_key() if backend.balancer.needs_key else None, self.excluded)
+            nxt = backend.select(self.key, self.excluded)
             if nxt is not None and nxt is not server:
                 nxt.redispatches += 1
+            self.server = None
+            backend.release(server)
+        elif server.usable:
+            nxt = server  # retry the same server in the slot this session holds
         else:
-            nxt = server if server.usable and not server.full else None
-            if nxt is not None:
-                backend.take(nxt)
+            nxt = None
+            self.server = None
+            backend.release(server)
         if nxt is None:
-            self.finish(f"connect_failed:{reason}")
+            self._queue_or_refuse(f"connect_failed:{reason}")
             return
         self._connect(nxt)
 
@@ -222,7 +246,17 @@ class TcpSession:
         version = self.frontend.proxy_protocol
         if version != "none":
             try:
-                header = proxy_protocol.encode(version, self.client_addr, self.client.getsockname())
+                local = self.client.getsockname()
+            except OSError:
+                # The client is gone: not the server's fault, nothing to retry.
+                self.server_sock = None
+                sock.close()
+                self.server = None
+                self.frontend.backend.release(server)
+                self.finish("client_gone")
+                return
+            header = proxy_protocol.encode(version, self.client_addr, local)
+            try:
                 # A fresh socket's send buffer holds a <= 232-byte header in one call.
                 if sock.send(header) != len(header):
                     raise OSError(errno.EAGAIN, "short write of PROXY header")
@@ -282,7 +316,7 @@ class TcpSession:
         if self.queue_timer is not None:
             self.queue_timer.cancel()
             self.queue_timer = None
-            self.cancelled = True
+            self._leave_queue()
         sock = self.server_sock
         if sock is not None:
             self.loop.remove_writer(sock.fileno())

@@ -35,6 +35,7 @@ class Waiter(Protocol):
     """A queued session. ``grant`` hands it a server whose slot is already taken."""
 
     cancelled: bool
+    key: bytes | None
 
     def grant(self, server: Server) -> None: ...
 
@@ -53,6 +54,8 @@ class Backend:
     """Servers in config order, their balancer, and the queue."""
 
     __slots__ = (
+        "_dispatch_again",
+        "_dispatching",
         "_usable_cache",
         "balancer",
         "clock",
@@ -85,6 +88,8 @@ class Backend:
         self.queue: deque[Waiter] = deque()
         self.state_listeners: list[Callable[[Server, str, str], None]] = []
         self._usable_cache: list[Server] | None = None
+        self._dispatching = False
+        self._dispatch_again = False
         self.cur_sessions = 0
         self.total_sessions = 0
         self.no_server = 0
@@ -188,14 +193,34 @@ class Backend:
             self.dispatch_queue()
 
     def dispatch_queue(self) -> None:
-        """Grant servers to queued sessions, oldest first, while slots are free."""
+        """Grant servers to queued sessions, oldest first, while slots are free.
+
+        Not re-entrant on purpose: a grant whose connect fails at once releases
+        its slot, which calls back here; the nested call only asks the running
+        loop for another pass. Recursing instead would nest one level per waiter
+        and overflow the stack with a few hundred queued sessions.
+        """
+        if self._dispatching:
+            self._dispatch_again = True
+            return
+        self._dispatching = True
+        try:
+            again = True
+            while again:
+                self._dispatch_again = False
+                self._dispatch_pass()
+                again = self._dispatch_again
+        finally:
+            self._dispatching = False
+
+    def _dispatch_pass(self) -> None:
         queue = self.queue
         while queue:
             head = queue[0]
             if head.cancelled:
                 queue.popleft()
                 continue
-            server = self.select()
+            server = self.select(head.key)
             if server is None:
                 return
             queue.popleft()
