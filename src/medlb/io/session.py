@@ -85,9 +85,7 @@ class TcpSession:
         self.cancelled = False  # read by the backend queue
         #: The balancing key (client address) when the algorithm hashes; kept so a
         #: session served from the queue keeps its affinity.
-        self.key: bytes | None = (
-            client_addr[0].encode() if frontend.backend.balancer.needs_key else None
-        )
+        self.key: bytes | None = client_addr[0].encode() if frontend.backend.balancer.needs_key else None
         self.connect_ms = -1.0
         self.connected_at = 0.0
 
