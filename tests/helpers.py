@@ -188,3 +188,18 @@ def wait_until(predicate: Any, timeout: float = 10.0, interval: float = 0.02) ->
             return
         time.sleep(interval)
     raise AssertionError("condition not met in time")
+
+
+@contextlib.contextmanager
+def one_server_medlb(tmp: Path, **global_: Any) -> Iterator[tuple[Medlb, int]]:
+    """medlb in front of one echo server ``s1`` that is already UP: (medlb, frontend port)."""
+    backend = Backend("s1")
+    port = free_port()
+    config = tcp_config(port, [{"name": "s1", "address": f"127.0.0.1:{backend.port}"}])
+    config["global"].update(global_)
+    try:
+        with running_medlb(config, tmp) as lb:
+            lb.wait_for_log("pool/s1 op_state DOWN -> UP")
+            yield lb, port
+    finally:
+        backend.stop()

@@ -15,7 +15,16 @@ from pathlib import Path
 import pytest
 
 from medlb.proto import proxy_protocol
-from tests.helpers import Backend, ThreadedServer, free_port, greet, running_medlb, tcp_config, wait_until
+from tests.helpers import (
+    Backend,
+    ThreadedServer,
+    free_port,
+    greet,
+    one_server_medlb,
+    running_medlb,
+    tcp_config,
+    wait_until,
+)
 
 
 def test_killed_server_costs_no_client_connection_and_is_marked_down(tmp_path: Path) -> None:
@@ -157,81 +166,59 @@ def test_agent_drives_weight_and_state(tmp_path: Path) -> None:
 
 
 def test_graceful_stop_lets_sessions_finish(tmp_path: Path) -> None:
-    backend = Backend("s1")
-    port = free_port()
-    config = tcp_config(port, [{"name": "s1", "address": f"127.0.0.1:{backend.port}"}])
-    try:
-        with running_medlb(config, tmp_path) as lb:
-            lb.wait_for_log("pool/s1 op_state DOWN -> UP")
-            session = socket.create_connection(("127.0.0.1", port), timeout=5)
-            assert session.recv(16) == b"s1\n"
-            lb.signal(signal.SIGTERM)
-            lb.wait_for_log("stopping: listeners closed, waiting up to 5s for 1 session(s)")
-            # New clients are refused; the established session still works.
-            with pytest.raises(ConnectionRefusedError):
-                socket.create_connection(("127.0.0.1", port), timeout=2).close()
-            session.sendall(b"still here")
-            assert session.recv(64) == b"still here"
-            assert lb.proc.poll() is None
-            session.close()
-            assert lb.proc.wait(5) == 0
-            assert "hard_stop_after reached" not in lb.log
-            assert re.search(r"session client=\S+ frontend=fe backend=pool server=s1 .* term=client_close", lb.log)
-    finally:
-        backend.stop()
+    with one_server_medlb(tmp_path) as (lb, port):
+        session = socket.create_connection(("127.0.0.1", port), timeout=5)
+        assert session.recv(16) == b"s1\n"
+        lb.signal(signal.SIGTERM)
+        lb.wait_for_log("stopping: listeners closed, waiting up to 5s for 1 session(s)")
+        # New clients are refused; the established session still works.
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=2).close()
+        session.sendall(b"still here")
+        assert session.recv(64) == b"still here"
+        assert lb.proc.poll() is None
+        session.close()
+        assert lb.proc.wait(5) == 0
+        assert "hard_stop_after reached" not in lb.log
+        assert re.search(r"session client=\S+ frontend=fe backend=pool server=s1 .* term=client_close", lb.log)
 
 
 def test_hard_stop_after_cuts_what_is_left(tmp_path: Path) -> None:
-    backend = Backend("s1")
-    port = free_port()
-    config = tcp_config(port, [{"name": "s1", "address": f"127.0.0.1:{backend.port}"}])
-    config["global"]["hard_stop_after"] = "500ms"
-    try:
-        with running_medlb(config, tmp_path) as lb:
-            lb.wait_for_log("pool/s1 op_state DOWN -> UP")
-            session = socket.create_connection(("127.0.0.1", port), timeout=5)
-            assert session.recv(16) == b"s1\n"
-            start = time.monotonic()
-            lb.signal(signal.SIGTERM)
-            assert lb.proc.wait(5) == 0
-            assert 0.4 < time.monotonic() - start < 3.0
-            with pytest.raises(ConnectionResetError):  # cut, and told so: a RST, not a FIN
-                session.recv(64)
-            assert "hard_stop_after reached: closed 1 session(s)" in lb.log
-            assert "term=hard_stop" in lb.log
-            session.close()
-    finally:
-        backend.stop()
+    with one_server_medlb(tmp_path, hard_stop_after="500ms") as (lb, port):
+        session = socket.create_connection(("127.0.0.1", port), timeout=5)
+        assert session.recv(16) == b"s1\n"
+        start = time.monotonic()
+        lb.signal(signal.SIGTERM)
+        assert lb.proc.wait(5) == 0
+        assert 0.4 < time.monotonic() - start < 3.0
+        with pytest.raises(ConnectionResetError):  # cut, and told so: a RST, not a FIN
+            session.recv(64)
+        assert "hard_stop_after reached: closed 1 session(s)" in lb.log
+        assert "term=hard_stop" in lb.log
+        session.close()
 
 
 def test_idle_client_and_flood_do_not_disturb_others(tmp_path: Path) -> None:
     """A client that says nothing and one that floods (server reads slowly) do not
     stop a third client from being served promptly."""
-    backend = Backend("s1")
-    port = free_port()
-    config = tcp_config(port, [{"name": "s1", "address": f"127.0.0.1:{backend.port}"}])
-    try:
-        with running_medlb(config, tmp_path) as lb:
-            lb.wait_for_log("pool/s1 op_state DOWN -> UP")
-            silent = socket.create_connection(("127.0.0.1", port), timeout=5)
-            flood = socket.create_connection(("127.0.0.1", port), timeout=5)
-            flood.setblocking(False)
-            blob = b"x" * 1_000_000
-            sent = 0
-            for _ in range(50):
-                try:
-                    sent += flood.send(blob)
-                except BlockingIOError:
-                    break
-            assert sent > 0
-            start = time.monotonic()
-            assert greet(port) == "s1"
-            assert time.monotonic() - start < 1.0
-            wait_until(lambda: lb.proc.poll() is None)
-            silent.close()
-            flood.close()
-    finally:
-        backend.stop()
+    with one_server_medlb(tmp_path) as (lb, port):
+        silent = socket.create_connection(("127.0.0.1", port), timeout=5)
+        flood = socket.create_connection(("127.0.0.1", port), timeout=5)
+        flood.setblocking(False)
+        blob = b"x" * 1_000_000
+        sent = 0
+        for _ in range(50):
+            try:
+                sent += flood.send(blob)
+            except BlockingIOError:
+                break
+        assert sent > 0
+        start = time.monotonic()
+        assert greet(port) == "s1"
+        assert time.monotonic() - start < 1.0
+        wait_until(lambda: lb.proc.poll() is None)
+        silent.close()
+        flood.close()
 
 
 class ProxyProtocolServer(ThreadedServer):
