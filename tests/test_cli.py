@@ -93,3 +93,62 @@ def test_unresolvable_server_is_down_and_the_rest_serve(tmp_path: Path) -> None:
 def test_version() -> None:
     result = medlb("--version")
     assert result.returncode == 0 and result.stdout.startswith("medlb ")
+
+
+def test_demo_serves_through_medlb_and_stops_on_sigint() -> None:
+    """The README's first command: the demo lab answers through medlb, with the
+    weighted rotation it announces, and stops cleanly on Ctrl-C."""
+    import signal
+    import time
+
+    from tests.helpers import greet
+
+    port = _demo_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "medlb", "demo", "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        seen: list[str] = []
+        while time.monotonic() < deadline and len(seen) < 6:
+            try:
+                seen.append(greet(port, timeout=2))
+            except OSError:
+                time.sleep(0.1)
+        if len(seen) < 6:
+            proc.kill()
+            raise AssertionError(f"demo did not serve: {seen}\n{proc.communicate()[0]}")
+        assert seen.count("medlb demo: served by s2") == 4 and seen.count("medlb demo: served by s1") == 2
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=10)
+        assert proc.returncode == 0
+        assert "medlb demo is running." in out and "medlb stopped" in out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+def _demo_port() -> int:
+    """A frontend port whose demo server ports (+101..+103) are free too. Taken below
+    the ephemeral range, where client sockets of other tests cannot hold them."""
+    import random
+
+    for _ in range(200):
+        port = random.randrange(20000, 30000)
+        probes: list[socket.socket] = []
+        try:
+            for candidate in (port, port + 101, port + 102, port + 103):
+                probe = socket.socket()
+                probes.append(probe)
+                probe.bind(("127.0.0.1", candidate))
+        except OSError:
+            continue
+        finally:
+            for probe in probes:
+                probe.close()
+        return port
+    raise AssertionError("no free port block for the demo")
