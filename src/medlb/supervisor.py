@@ -181,6 +181,10 @@ class Supervisor:
     def request_stop(self) -> None:
         self._stop.set()
 
+    @staticmethod
+    def _sighup() -> None:
+        log.warning("SIGHUP received: configuration reload is not supported yet; still running the loaded config")
+
     async def run(self, install_signals: bool = True) -> int:
         loop = asyncio.get_running_loop()
         nofile = raise_nofile(self.config.global_.nofile)
@@ -189,6 +193,10 @@ class Supervisor:
         if install_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.request_stop)
+            # SIGHUP's default action would kill the balancer and every association
+            # with it; `systemctl reload` must never do that. Hitless reload comes
+            # with the admin API; until then, say so and keep running.
+            loop.add_signal_handler(signal.SIGHUP, self._sighup)
         log.info(
             "medlb started: %d frontend(s), %d backend(s), %d server(s); nofile=%d; loop=%s",
             len(self.runtime.frontends),
@@ -210,7 +218,7 @@ class Supervisor:
             pass
         finally:
             if install_signals:
-                for sig in (signal.SIGTERM, signal.SIGINT):
+                for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                     loop.remove_signal_handler(sig)
         log.info("medlb stopped")
         return self.exit_code
