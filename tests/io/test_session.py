@@ -364,14 +364,21 @@ def test_maxqueue_full_refuses(run: Runner) -> None:
     run(main())
 
 
+@contextlib.asynccontextmanager
+async def short_idle_session() -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+    """One greeted session through a lab whose idle timeout is 0.3 s."""
+    echo = EchoServer("s1")
+    port = await echo.start()
+    timeouts = ResolvedTimeouts(connect=1.0, client=0.3, server=30.0, queue=1.0, check=1.0)
+    async with lab([up_server("s1", port)], timeouts=timeouts) as env:
+        reader, writer = await asyncio.open_connection("127.0.0.1", env.port)
+        assert await reader.readline() == b"s1\n"
+        yield reader, writer
+
+
 def test_idle_timeout_closes_silent_session(run: Runner) -> None:
     async def main() -> None:
-        echo = EchoServer("s1")
-        port = await echo.start()
-        timeouts = ResolvedTimeouts(connect=1.0, client=0.3, server=30.0, queue=1.0, check=1.0)
-        async with lab([up_server("s1", port)], timeouts=timeouts) as env:
-            reader, writer = await asyncio.open_connection("127.0.0.1", env.port)
-            assert await reader.readline() == b"s1\n"
+        async with short_idle_session() as (reader, writer):
             start = asyncio.get_running_loop().time()
             # A reset, not a clean end: the client must not take a stalled
             # transfer for a finished one.
@@ -388,12 +395,7 @@ def test_traffic_keeps_an_idle_timeout_from_firing(run: Runner) -> None:
     """A session that keeps moving bytes outlives several idle timeouts."""
 
     async def main() -> None:
-        echo = EchoServer("s1")
-        port = await echo.start()
-        timeouts = ResolvedTimeouts(connect=1.0, client=0.3, server=30.0, queue=1.0, check=1.0)
-        async with lab([up_server("s1", port)], timeouts=timeouts) as env:
-            reader, writer = await asyncio.open_connection("127.0.0.1", env.port)
-            assert await reader.readline() == b"s1\n"
+        async with short_idle_session() as (reader, writer):
             for _ in range(10):  # 1.5 s in total: five idle timeouts' worth
                 writer.write(b"tick")
                 assert await asyncio.wait_for(reader.readexactly(4), 1) == b"tick"
