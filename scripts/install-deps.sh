@@ -12,6 +12,7 @@ declare -A NEED=(
   [nginx]=nginx
   [ps]=procps
   [ss]=iproute2
+  [chromium]=chromium
 )
 
 missing=()

@@ -250,9 +250,78 @@ class GlobalConfig(_Strict):
     splice: bool = True
 
 
+class AdminTls(_Strict):
+    """Serve the admin API over HTTPS (TLS 1.2+ only)."""
+
+    cert: str
+    key: str
+
+
+class AdminConfig(_Strict):
+    """The admin API, metrics and dashboard: one HTTP listener inside medlb.
+
+    Secure by default: loopback only, and a token is mandatory (there is no
+    anonymous mode). ``/metrics`` needs the token too unless ``metrics_auth``
+    is switched off for a scraper that cannot send one.
+    """
+
+    bind: BindAddress = HostPort("127.0.0.1", 9900)
+    token_file: str | None = None
+    token_env: Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")] | None = None
+    metrics_auth: bool = True
+    session_ttl: Duration = 8 * 3600.0
+    tls: AdminTls | None = None
+
+
+class WebhookAlert(_Strict):
+    """POST one JSON document per alert to ``url``."""
+
+    url: Annotated[str, Field(pattern=r"^https?://[^\s]+$")]
+    timeout: Duration = 5.0
+    headers: dict[str, str] = {}
+    tls_verify: bool = True
+
+
+class EmailAlert(_Strict):
+    """Send alerts by SMTP; ``security`` is ``starttls`` (port 587), ``tls`` (465) or ``none``."""
+
+    host: str
+    port: Annotated[int, Field(ge=1, le=65535)] = 587
+    security: Literal["starttls", "tls", "none"] = "starttls"
+    username: str | None = None
+    password_file: str | None = None
+    password_env: Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")] | None = None
+    from_: Annotated[str, Field(alias="from", pattern=r"^[^@\s]+@[^@\s]+$")]
+    to: Annotated[list[Annotated[str, Field(pattern=r"^[^@\s]+@[^@\s]+$")]], Field(min_length=1)]
+    timeout: Duration = 10.0
+    tls_verify: bool = True
+    subject_prefix: str = "[medlb]"
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class AlertRateLimit(_Strict):
+    """At most ``burst`` alerts per subject (a server or a backend) per ``window``.
+
+    Alerts over the limit are not lost silently: they are counted, and the
+    next alert that goes out for that subject says how many were suppressed.
+    """
+
+    burst: Annotated[int, Field(ge=1, le=1000)] = 3
+    window: Duration = 300.0
+
+
+class AlertsConfig(_Strict):
+    webhook: WebhookAlert | None = None
+    email: EmailAlert | None = None
+    rate_limit: AlertRateLimit = AlertRateLimit()
+
+
 class Config(_Strict):
     global_: GlobalConfig = Field(default=GlobalConfig(), alias="global")
     defaults: Defaults = Defaults()
+    admin: AdminConfig | None = None
+    alerts: AlertsConfig | None = None
     frontends: Annotated[list[FrontendConfig], Field(min_length=1)]
     backends: Annotated[list[BackendConfig], Field(min_length=1)]
 
@@ -348,6 +417,20 @@ def _semantic_issues(raw: Mapping[str, Any]) -> list[ConfigIssue]:
         check = backend.get("check")
         if isinstance(check, dict) and check.get("type") == "external" and not check.get("command"):
             issues.append(ConfigIssue(f"backends[{b_index}].check.command", "required for type external"))
+    admin = raw.get("admin")
+    if isinstance(admin, dict):
+        sources = [k for k in ("token_file", "token_env") if admin.get(k)]
+        if not sources:
+            issues.append(ConfigIssue("admin.token_file", "the admin API needs a token: set token_file or token_env"))
+        elif len(sources) > 1:
+            issues.append(ConfigIssue("admin.token_env", "set token_file or token_env, not both"))
+    alerts = raw.get("alerts")
+    email = alerts.get("email") if isinstance(alerts, dict) else None
+    if isinstance(email, dict):
+        if email.get("password_file") and email.get("password_env"):
+            issues.append(ConfigIssue("alerts.email.password_env", "set password_file or password_env, not both"))
+        if (email.get("password_file") or email.get("password_env")) and not email.get("username"):
+            issues.append(ConfigIssue("alerts.email.username", "required when a password is set"))
     return issues
 
 

@@ -20,7 +20,6 @@ import resource
 import signal
 import socket
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 from medlb.balance import make_balancer
 from medlb.checks.scheduler import ServerChecker, numeric_sockaddr
@@ -33,6 +32,7 @@ from medlb.config import (
 )
 from medlb.errors import StartupError
 from medlb.io.frontend import Frontend, open_listener
+from medlb.io.runtime import Runtime
 from medlb.model.backend import Backend, BackendPolicy
 from medlb.model.server import AdminState, Server
 
@@ -51,27 +51,6 @@ def raise_nofile(wanted: int) -> int:
         except (ValueError, OSError):
             continue
     return soft
-
-
-@dataclass
-class Runtime:
-    """Everything the running balancer is made of; later issues hang the admin API on it."""
-
-    config: Config
-    backends: dict[str, Backend] = field(default_factory=dict)
-    frontends: dict[str, Frontend] = field(default_factory=dict)
-    checkers: dict[Server, ServerChecker] = field(default_factory=dict)
-
-    def report_connect_error(self, server: Server) -> None:
-        checker = self.checkers.get(server)
-        if checker is not None:
-            checker.report_connect_error()
-
-    def report_connect_ok(self, server: Server) -> None:
-        if server.consecutive_errors:
-            checker = self.checkers.get(server)
-            if checker is not None:
-                checker.report_connect_ok()
 
 
 class Supervisor:
@@ -207,9 +186,7 @@ class Supervisor:
         )
         try:
             async with asyncio.TaskGroup() as group:
-                for server, checker in self.runtime.checkers.items():
-                    group.create_task(checker.run(), name=f"check {server.key}")
-                    group.create_task(checker.run_agent(), name=f"agent {server.key}")
+                self.runtime.attach_group(group)
                 self.started.set()
                 await self._stop.wait()
                 await self._graceful_stop()

@@ -220,7 +220,7 @@ class Frontend:
         sessions = self.sessions
         was_full = len(sessions) >= self.maxconn
         sessions.discard(session)
-        self.backend.cur_sessions -= 1
+        session.backend.cur_sessions -= 1
         if was_full and not self.stopping and len(sessions) < self.maxconn:
             for listener in self.listeners:
                 listener.resume()

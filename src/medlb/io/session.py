@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     import asyncio
 
     from medlb.io.frontend import Frontend
+    from medlb.model.backend import Backend
 
 log = logging.getLogger("medlb.session")
 
@@ -53,6 +54,7 @@ class TcpSession:
     __slots__ = (
         "accepted_at",
         "attempts",
+        "backend",
         "cancelled",
         "client",
         "client_addr",
@@ -71,6 +73,9 @@ class TcpSession:
 
     def __init__(self, frontend: Frontend, client: socket.socket, client_addr: tuple[str, int]) -> None:
         self.frontend = frontend
+        #: Fixed at accept: a reload may point the frontend elsewhere, but this
+        #: session's slot, queue place and counters belong to the backend it started on.
+        self.backend: Backend = frontend.backend
         self.loop: asyncio.AbstractEventLoop = frontend.loop
         self.client = client
         self.client_addr = client_addr
@@ -92,7 +97,7 @@ class TcpSession:
     # -- selection and queueing -----------------------------------------------------------
 
     def start(self) -> None:
-        backend = self.frontend.backend
+        backend = self.backend
         server = backend.select(self.key)
         if server is not None:
             self._connect(server)
@@ -101,7 +106,7 @@ class TcpSession:
 
     def _queue_or_refuse(self, cause: str) -> None:
         """No server slot now: wait in the queue if servers are merely full, else end."""
-        backend = self.frontend.backend
+        backend = self.backend
         if backend.saturated():
             if backend.can_queue():
                 backend.queue.append(self)
@@ -125,14 +130,14 @@ class TcpSession:
         """Drop out of the queue at once, so a dead waiter never counts against maxqueue."""
         self.cancelled = True
         try:
-            self.frontend.backend.queue.remove(self)
+            self.backend.queue.remove(self)
         except ValueError:
             pass
 
     def _queue_timeout(self) -> None:
         self.queue_timer = None
         self._leave_queue()
-        self.frontend.backend.queue_timeouts += 1
+        self.backend.queue_timeouts += 1
         self.finish("queue_timeout")
 
     # -- connecting -----------------------------------------------------------------------
@@ -151,7 +156,7 @@ class TcpSession:
             # fd exhaustion: nothing to retry against; fail this session cleanly.
             log.error("cannot create a socket to %s: %s", server.key, exc.strerror)
             self.server = None
-            self.frontend.backend.release(server)
+            self.backend.release(server)
             self.finish("resource_error")
             return
         self.server_sock = sock
@@ -198,7 +203,7 @@ class TcpSession:
     def _connect_failed(self, reason: str) -> None:
         server = self.server
         assert server is not None
-        backend = self.frontend.backend
+        backend = self.backend
         if self.server_sock is not None:
             self.server_sock.close()
             self.server_sock = None
@@ -250,7 +255,7 @@ class TcpSession:
                 self.server_sock = None
                 sock.close()
                 self.server = None
-                self.frontend.backend.release(server)
+                self.backend.release(server)
                 self.finish("client_gone")
                 return
             header = proxy_protocol.encode(version, self.client_addr, local)
@@ -286,7 +291,7 @@ class TcpSession:
         assert relay is not None and server is not None
         server.bytes_in += relay.bytes_c2s
         server.bytes_out += relay.bytes_s2c
-        self.frontend.backend.release(server)
+        self.backend.release(server)
         self._done(cause)
 
     def finish(self, cause: str) -> None:
@@ -322,7 +327,7 @@ class TcpSession:
             self.server_sock = None
         if self.server is not None:
             server, self.server = self.server, None
-            self.frontend.backend.release(server)
+            self.backend.release(server)
         self.finish(cause)
 
     def _done(self, cause: str) -> None:
@@ -336,7 +341,7 @@ class TcpSession:
                 "bytes_c2s=%d bytes_s2c=%d attempts=%d term=%s",
                 _fmt_addr(self.client_addr),
                 frontend.name,
-                frontend.backend.name,
+                self.backend.name,
                 server.name if server is not None else "-",
                 self.connect_ms,
                 self.loop.time() - self.accepted_at,

@@ -1,0 +1,1 @@
+"""The operator surface: admin API, metrics, dashboard and alerts (ring 4)."""
