@@ -203,3 +203,59 @@ def one_server_medlb(tmp: Path, **global_: Any) -> Iterator[tuple[Medlb, int]]:
             yield lb, port
     finally:
         backend.stop()
+
+
+TOKEN = "test-admin-token-0123456789"
+
+
+def with_admin(config: dict[str, Any], tmp: Path, **admin: Any) -> str:
+    """Add an admin section (token in a file under ``tmp``) to ``config``; return the API's base URL."""
+    token_file = tmp / "admin.token"
+    token_file.write_text(TOKEN + "\n")
+    port = free_port()
+    config["admin"] = {"bind": f"127.0.0.1:{port}", "token_file": str(token_file), **admin}
+    return f"http://127.0.0.1:{port}"
+
+
+def api(
+    url: str,
+    method: str = "GET",
+    body: Any = None,
+    *,
+    token: str | None = TOKEN,
+    headers: dict[str, str] | None = None,
+    raw: bytes | None = None,
+    timeout: float = 10.0,
+) -> tuple[int, Any]:
+    """One admin API call: (HTTP status, decoded JSON or text). Never raises on 4xx/5xx."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    request = urllib.request.Request(url, data=data, method=method)
+    if token is not None:
+        request.add_header("Authorization", f"Bearer {token}")
+    if data is not None:
+        request.add_header("Content-Type", "application/json")
+    for key, value in (headers or {}).items():
+        request.add_header(key, value)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            status, payload, ctype = response.status, response.read(), response.headers.get("Content-Type", "")
+    except urllib.error.HTTPError as exc:
+        status, payload, ctype = exc.code, exc.read(), exc.headers.get("Content-Type", "")
+    if "json" in ctype:
+        return status, json.loads(payload)
+    return status, payload.decode()
+
+
+def server_of(status: dict[str, Any], key: str) -> dict[str, Any]:
+    """The server document ``backend/server`` from a status document."""
+    b_name, s_name = key.split("/")
+    for backend in status["backends"]:
+        if backend["name"] == b_name:
+            for server in backend["servers"]:
+                if server["name"] == s_name:
+                    return dict(server)
+    raise KeyError(key)

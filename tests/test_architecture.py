@@ -25,6 +25,7 @@ RINGS = {
     "supervisor": 5,
     "demo": 5,
     "cli": 5,
+    "ctl": 5,
     "__main__": 5,
     "__init__": 0,
 }

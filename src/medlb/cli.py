@@ -1,4 +1,4 @@
-"""The ``medlb`` command: ``run``, ``check``, ``demo``.
+"""The ``medlb`` command: ``run``, ``check``, ``demo``, ``ctl`` (see :mod:`medlb.ctl` for its exit codes).
 
 Exit codes a script can rely on:
 
@@ -17,6 +17,8 @@ from collections.abc import Sequence
 
 from medlb import __version__
 from medlb.config import Config, format_duration, load_config
+from medlb.ctl import add_parser as add_ctl_parser
+from medlb.ctl import main_ctl
 from medlb.errors import ConfigError, MedlbError
 
 EXIT_OK = 0
@@ -39,7 +41,8 @@ def summarize(config: Config) -> str:
     return (
         f"configuration valid: {len(config.frontends)} frontend(s) [{fronts}], "
         f"{len(config.backends)} backend(s), {servers} server(s), "
-        f"hard_stop_after {format_duration(config.global_.hard_stop_after)}"
+        f"hard_stop_after {format_duration(config.global_.hard_stop_after)}; "
+        + (f"admin API on {config.admin.bind}" if config.admin else "admin API off")
     )
 
 
@@ -60,11 +63,11 @@ def _cmd_check(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def run_config(config: Config, *, log_sessions: bool = True) -> int:
+def run_config(config: Config, *, log_sessions: bool = True, config_path: str | None = None) -> int:
     from medlb.supervisor import Supervisor, new_event_loop
 
     async def main() -> int:
-        return await Supervisor(config, log_sessions=log_sessions).run()
+        return await Supervisor(config, log_sessions=log_sessions, config_path=config_path).run()
 
     with asyncio.Runner(loop_factory=new_event_loop(config.global_.loop)) as runner:
         return runner.run(main())
@@ -76,7 +79,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     setup_logging(args.log_level or config.global_.log_level)
     try:
-        return run_config(config, log_sessions=not args.no_session_log)
+        return run_config(config, log_sessions=not args.no_session_log, config_path=args.config)
     except MedlbError as exc:
         logging.getLogger("medlb").error("%s", exc)
         return EXIT_RUNTIME
@@ -87,7 +90,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     setup_logging(args.log_level or "info")
     try:
-        return run_demo(host=args.host, port=args.port)
+        return run_demo(host=args.host, port=args.port, admin_port=args.admin_port)
     except MedlbError as exc:
         logging.getLogger("medlb").error("%s", exc)
         return EXIT_RUNTIME
@@ -111,13 +114,18 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run a self-contained lab of demo backends behind medlb on loopback")
     demo.add_argument("--host", default="127.0.0.1")
     demo.add_argument("--port", type=int, default=7000, help="the demo frontend's port")
+    demo.add_argument("--admin-port", type=int, default=9900, help="the admin API and dashboard port")
     demo.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     demo.set_defaults(func=_cmd_demo)
+
+    add_ctl_parser(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "ctl":
+        return main_ctl(args)
     code: int = args.func(args)
     return code
 

@@ -11,12 +11,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import secrets
 from typing import Any
 
 from medlb.config import Config, parse_config
 from medlb.errors import StartupError
 
 log = logging.getLogger("medlb.demo")
+
+DEMO_TOKEN_ENV = "MEDLB_DEMO_TOKEN"
 
 
 class DemoEchoServer:
@@ -42,10 +46,16 @@ class DemoEchoServer:
                 await writer.wait_closed()
 
 
-def demo_config(host: str, port: int) -> tuple[Config, list[tuple[str, int]]]:
-    """The built-in config: the issue's contract example, pointed at the demo servers."""
+def demo_config(host: str, port: int, admin_port: int = 9900) -> tuple[Config, list[tuple[str, int]]]:
+    """The built-in config: the issue's contract example, pointed at the demo servers.
+
+    The admin API and dashboard are on; the token comes from the environment
+    variable ``MEDLB_DEMO_TOKEN``, which :func:`run_demo` fills with a fresh random
+    token and prints (a demo on loopback, not a deployment).
+    """
     servers = [("s1", port + 101), ("s2", port + 102), ("s3", port + 103)]
     raw: dict[str, Any] = {
+        "admin": {"bind": f"{host}:{admin_port}", "token_env": DEMO_TOKEN_ENV},
         "defaults": {
             "timeouts": {"connect": "3s", "client": "12h", "server": "12h", "queue": "30s", "check": "2s"},
             "check": {"inter": "2s", "fastinter": "500ms", "downinter": "5s", "rise": 2, "fall": 3},
@@ -71,7 +81,7 @@ def demo_config(host: str, port: int) -> tuple[Config, list[tuple[str, int]]]:
     return parse_config(raw, "<demo>"), servers
 
 
-def banner(host: str, port: int, servers: list[tuple[str, int]]) -> str:
+def banner(host: str, port: int, servers: list[tuple[str, int]], admin_port: int = 9900, token: str = "") -> str:
     listing = "\n".join(f"    {name}  {host}:{p}" for name, p in servers)
     return f"""
 medlb demo is running.
@@ -85,14 +95,21 @@ Try:
       run it a few times: s2 answers two sessions in three (weight 2), interleaved with s1
   bash -c 'exec 3<>/dev/tcp/{host}/{port}; head -1 <&3'
 
+Dashboard and admin API: http://{host}:{admin_port}/   (log in with the token below)
+  token: {token}
+  export MEDLB_URL=http://{host}:{admin_port} MEDLB_TOKEN={token}
+  medlb ctl status;  medlb ctl drain pool/s1 --wait;  medlb ctl ready pool/s1
+  curl -H "Authorization: Bearer $MEDLB_TOKEN" http://{host}:{admin_port}/metrics
+
 Stop with Ctrl-C.
 """
 
 
-async def _demo_main(host: str, port: int) -> int:
+async def _demo_main(host: str, port: int, admin_port: int) -> int:
     from medlb.supervisor import Supervisor
 
-    config, servers = demo_config(host, port)
+    token = os.environ.setdefault(DEMO_TOKEN_ENV, secrets.token_urlsafe(24))
+    config, servers = demo_config(host, port, admin_port)
     started: list[asyncio.Server] = []
     try:
         for name, server_port in servers:
@@ -108,15 +125,15 @@ async def _demo_main(host: str, port: int) -> int:
         if task.done():
             started_wait.cancel()
             return task.result()
-        print(banner(host, port, servers), flush=True)
+        print(banner(host, port, servers, admin_port, token), flush=True)
         return await task
     finally:
         for server in started:
             server.close()
 
 
-def run_demo(host: str = "127.0.0.1", port: int = 7000) -> int:
+def run_demo(host: str = "127.0.0.1", port: int = 7000, admin_port: int = 9900) -> int:
     from medlb.supervisor import new_event_loop
 
     with asyncio.Runner(loop_factory=new_event_loop("auto")) as runner:
-        return runner.run(_demo_main(host, port))
+        return runner.run(_demo_main(host, port, admin_port))

@@ -19,24 +19,42 @@ import random
 import resource
 import signal
 import socket
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol, TypeVar
 
+from medlb.admin.alerts import AlertManager
+from medlb.admin.api import AdminError, AdminServer, ReloadResult
+from medlb.admin.metrics import MetricsExporter
 from medlb.balance import make_balancer
 from medlb.checks.scheduler import ServerChecker, numeric_sockaddr
 from medlb.config import (
+    BackendConfig,
     Config,
+    FrontendConfig,
+    HostPort,
+    ServerConfig,
+    load_config,
     resolve_agent,
     resolve_backend_value,
     resolve_check,
     resolve_timeouts,
 )
-from medlb.errors import StartupError
-from medlb.io.frontend import Frontend, open_listener
+from medlb.errors import ConfigError, StartupError
+from medlb.io.frontend import Frontend, Listener, open_listener
 from medlb.io.runtime import Runtime
 from medlb.model.backend import Backend, BackendPolicy
 from medlb.model.server import AdminState, Server
 
 log = logging.getLogger("medlb")
+
+
+class _HasName(Protocol):
+    @property
+    def name(self) -> str: ...
+
+
+_Named = TypeVar("_Named", bound=_HasName)
 
 
 def raise_nofile(wanted: int) -> int:
@@ -54,128 +72,406 @@ def raise_nofile(wanted: int) -> int:
 
 
 class Supervisor:
-    """Runs one configuration until asked to stop."""
+    """Runs one configuration until asked to stop; reloads it in place on request."""
 
-    def __init__(self, config: Config, *, log_sessions: bool = True) -> None:
+    def __init__(self, config: Config, *, log_sessions: bool = True, config_path: str | None = None) -> None:
         self.config = config
+        self.config_path = config_path or ""
         self.log_sessions = log_sessions
         self.runtime = Runtime(config)
         self.started = asyncio.Event()
         self._stop = asyncio.Event()
         self.exit_code = 0
+        self.last_reload: dict[str, Any] | None = None
+        self.admin: AdminServer | None = None
+        self.alerts = AlertManager(config.alerts)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._reload_lock = asyncio.Lock()
+        self._group: asyncio.TaskGroup | None = None
+        #: Config servers removed through the API: a reload of an unchanged entry keeps them out.
+        self._removed: set[tuple[str, str]] = set()
 
     # -- building -----------------------------------------------------------------------
+
+    def _make_server(self, config: Config, b_cfg: BackendConfig, s_cfg: ServerConfig, now: float) -> Server:
+        check = resolve_check(config, b_cfg, s_cfg)
+        server = Server(
+            s_cfg.name,
+            s_cfg.address,
+            backend_name=b_cfg.name,
+            weight=s_cfg.weight,
+            maxconn=s_cfg.maxconn,
+            backup=s_cfg.backup,
+            slowstart=_slowstart(config, b_cfg, s_cfg),
+            rise=check.rise,
+            fall=check.fall,
+            admin_state=AdminState(s_cfg.admin_state),
+            now=now,
+        )
+        if s_cfg.address.is_literal:
+            server.sockaddr = numeric_sockaddr(s_cfg.address.host, s_cfg.address.port)
+        return server
+
+    @staticmethod
+    def _make_checker(config: Config, b_cfg: BackendConfig, s_cfg: ServerConfig, server: Server) -> ServerChecker:
+        # The external-check contract passes the frontend address in front of the
+        # backend (HAProxy passes the proxy's first bind).
+        vip, vport = "0.0.0.0", 0
+        for f_cfg in config.frontends:
+            if f_cfg.default_backend == b_cfg.name:
+                vip, vport = f_cfg.bind[0].host, f_cfg.bind[0].port
+                break
+        return ServerChecker(
+            server,
+            resolve_check(config, b_cfg, s_cfg),
+            resolve_agent(config, b_cfg, s_cfg),
+            resolve_timeouts(config, b_cfg).check,
+            vip=vip,
+            vport=vport,
+            rng=random.Random(),
+        )
+
+    @staticmethod
+    def _policy(config: Config, b_cfg: BackendConfig) -> BackendPolicy:
+        return BackendPolicy(
+            retries=int(resolve_backend_value(config, b_cfg, "retries", 2)),
+            redispatch=bool(resolve_backend_value(config, b_cfg, "redispatch", True)),
+            maxqueue=int(resolve_backend_value(config, b_cfg, "maxqueue", 0)),
+            proxy_protocol=str(resolve_backend_value(config, b_cfg, "proxy_protocol", "none")),
+        )
 
     def _build(self, loop: asyncio.AbstractEventLoop) -> None:
         config = self.config
         runtime = self.runtime
+        runtime.epoch_offset = time.time() - loop.time()
         now = loop.time()
         for b_cfg in config.backends:
-            servers = []
-            for s_cfg in b_cfg.servers:
-                check = resolve_check(config, b_cfg, s_cfg)
-                slowstart = s_cfg.slowstart
-                if slowstart is None:
-                    slowstart = resolve_backend_value(config, b_cfg, "slowstart", 0.0)
-                server = Server(
-                    s_cfg.name,
-                    s_cfg.address,
-                    backend_name=b_cfg.name,
-                    weight=s_cfg.weight,
-                    maxconn=s_cfg.maxconn,
-                    backup=s_cfg.backup,
-                    slowstart=float(slowstart),
-                    rise=check.rise,
-                    fall=check.fall,
-                    admin_state=AdminState(s_cfg.admin_state),
-                    now=now,
-                )
-                if s_cfg.address.is_literal:
-                    server.sockaddr = numeric_sockaddr(s_cfg.address.host, s_cfg.address.port)
-                servers.append(server)
-            policy = BackendPolicy(
-                retries=int(resolve_backend_value(config, b_cfg, "retries", 2)),
-                redispatch=bool(resolve_backend_value(config, b_cfg, "redispatch", True)),
-                maxqueue=int(resolve_backend_value(config, b_cfg, "maxqueue", 0)),
-                proxy_protocol=str(resolve_backend_value(config, b_cfg, "proxy_protocol", "none")),
-            )
-            backend = Backend(b_cfg.name, servers, make_balancer(b_cfg.balance), policy, loop.time)
+            servers = [self._make_server(config, b_cfg, s_cfg, now) for s_cfg in b_cfg.servers]
+            backend = Backend(b_cfg.name, servers, make_balancer(b_cfg.balance), self._policy(config, b_cfg), loop.time)
             runtime.backends[b_cfg.name] = backend
+            self.alerts.watch(backend)
+            for s_cfg, server in zip(b_cfg.servers, servers, strict=True):
+                runtime.checkers[server] = self._make_checker(config, b_cfg, s_cfg, server)
 
         for f_cfg in config.frontends:
-            backend = runtime.backends[f_cfg.default_backend]
-            b_cfg = config.backend(f_cfg.default_backend)
-            timeouts = resolve_timeouts(config, b_cfg, f_cfg)
-            frontend = Frontend(
-                loop,
-                f_cfg.name,
-                backend,
-                maxconn=f_cfg.maxconn,
-                timeouts=timeouts,
-                observer=runtime,
-                proxy_protocol=backend.policy.proxy_protocol,
-                splice=config.global_.splice,
-                log_sessions=self.log_sessions,
-            )
-            runtime.frontends[f_cfg.name] = frontend
+            runtime.frontends[f_cfg.name] = self._make_frontend(loop, config, f_cfg)
 
-        # Checkers: the external-check contract passes the frontend address in front
-        # of the backend (HAProxy passes the proxy's first bind).
-        vips: dict[str, tuple[str, int]] = {}
-        for f_cfg in config.frontends:
-            vips.setdefault(f_cfg.default_backend, (f_cfg.bind[0].host, f_cfg.bind[0].port))
-        for b_cfg in config.backends:
-            backend = runtime.backends[b_cfg.name]
-            vip, vport = vips.get(b_cfg.name, ("0.0.0.0", 0))
-            for s_cfg, server in zip(b_cfg.servers, backend.servers, strict=True):
-                runtime.checkers[server] = ServerChecker(
-                    server,
-                    resolve_check(config, b_cfg, s_cfg),
-                    resolve_agent(config, b_cfg, s_cfg),
-                    resolve_timeouts(config, b_cfg).check,
-                    vip=vip,
-                    vport=vport,
-                    rng=random.Random(),
-                )
+    def _make_frontend(self, loop: asyncio.AbstractEventLoop, config: Config, f_cfg: FrontendConfig) -> Frontend:
+        backend = self.runtime.backends[f_cfg.default_backend]
+        return Frontend(
+            loop,
+            f_cfg.name,
+            backend,
+            maxconn=f_cfg.maxconn,
+            timeouts=resolve_timeouts(config, config.backend(f_cfg.default_backend), f_cfg),
+            observer=self.runtime,
+            proxy_protocol=backend.policy.proxy_protocol,
+            splice=config.global_.splice,
+            log_sessions=self.log_sessions,
+        )
 
     def _bind(self) -> None:
         """Bind every listener or none: a half-started balancer is worse than none."""
-        opened: list[tuple[Frontend, socket.socket]] = []
+        opened = self._open_listeners(self.config, keep={})
+        for frontend_name, bind, sock in opened:
+            self._add_listener(self.runtime.frontends[frontend_name], bind, sock)
+
+    def _open_listeners(
+        self, config: Config, keep: dict[tuple[str, HostPort], Listener]
+    ) -> list[tuple[str, HostPort, socket.socket]]:
+        """Open the sockets ``config`` needs that ``keep`` does not already have; all or none."""
+        opened: list[tuple[str, HostPort, socket.socket]] = []
         try:
-            for f_cfg in self.config.frontends:
-                frontend = self.runtime.frontends[f_cfg.name]
+            for f_cfg in config.frontends:
                 for address in f_cfg.bind:
-                    opened.append((frontend, open_listener(address, f_cfg.backlog)))
+                    if (f_cfg.name, address) not in keep or address.port == 0:
+                        opened.append((f_cfg.name, address, open_listener(address, f_cfg.backlog)))
         except StartupError:
-            for _, sock in opened:
+            for _, _, sock in opened:
                 sock.close()
             raise
-        for frontend, sock in opened:
-            listener = frontend.add_listener(sock)
-            host, port = listener.address
-            log.info("frontend %s listening on %s:%d (mode tcp)", frontend.name, host, port)
+        return opened
+
+    @staticmethod
+    def _add_listener(frontend: Frontend, bind: HostPort, sock: socket.socket) -> None:
+        listener = frontend.add_listener(sock, bind)
+        host, port = listener.address
+        log.info("frontend %s listening on %s:%d (mode tcp)", frontend.name, host, port)
+
+    # -- runtime changes (admin API) ----------------------------------------------------------
+
+    def add_server(self, backend_name: str, spec: ServerConfig, source: str) -> Server:
+        """Add a server to a running backend; it checks at once and takes traffic once UP."""
+        backend = self.runtime.backends.get(backend_name)
+        if backend is None:
+            raise AdminError(404, f"no backend named {backend_name!r}")
+        if backend.server(spec.name) is not None:
+            raise AdminError(409, f"backend {backend_name!r} already has a server named {spec.name!r}")
+        assert self._loop is not None
+        b_cfg = self.config.backend(backend_name)
+        server = self._make_server(self.config, b_cfg, spec, self._loop.time())
+        server.admin_source = source
+        backend.reconfigure([*backend.servers, server], backend.balancer, backend.policy)
+        self.runtime.added[(backend_name, spec.name)] = spec
+        self.runtime.start_checker(server, self._make_checker(self.config, b_cfg, spec, server))
+        log.warning(
+            "server %s added at %s by %s (starts DOWN until its first check passes)", server.key, spec.address, source
+        )
+        return server
+
+    def remove_server(self, backend_name: str, server_name: str, *, force: bool, source: str) -> int:
+        """Remove a server: only from MAINT with no sessions, unless ``force`` closes them."""
+        backend = self.runtime.backends.get(backend_name)
+        if backend is None:
+            raise AdminError(404, f"no backend named {backend_name!r}")
+        server = backend.server(server_name)
+        if server is None:
+            raise AdminError(404, f"backend {backend_name!r} has no server named {server_name!r}")
+        if not force and (server.admin_state is not AdminState.MAINT or server.cur_sessions > 0):
+            raise AdminError(
+                409,
+                f"{server.key} is {server.admin_state.value} with {server.cur_sessions} session(s): "
+                "put it in maint and wait until drained, or use force=true to close its sessions",
+                admin_state=server.admin_state.value,
+                cur_sessions=server.cur_sessions,
+            )
+        backend.reconfigure([s for s in backend.servers if s is not server], backend.balancer, backend.policy)
+        self.runtime.stop_checker(server)
+        self.runtime.added.pop((backend_name, server_name), None)
+        if _find(self.config.backend(backend_name).servers, server_name) is not None:
+            self._removed.add((backend_name, server_name))
+        closed = self.runtime.shutdown_sessions(server, "server_removed") if force else 0
+        log.warning("server %s removed by %s (%d session(s) closed)", server.key, source, closed)
+        return closed
+
+    # -- reload ---------------------------------------------------------------------------
+
+    async def reload(self, source: str) -> ReloadResult:
+        """Re-read the config file and apply it without dropping a session.
+
+        Validation and every bind happen first; only then is the new config
+        applied, in one synchronous step (no await), so no connection ever sees
+        a half-applied state and a bad config changes nothing.
+        """
+        async with self._reload_lock:
+            result = self._reload(source)
+        self.last_reload = {"at": round(time.time(), 3), "ok": result.ok, "message": result.message, "by": source}
+        if result.ok:
+            log.warning("configuration reloaded by %s: %s", source, result.message)
+        else:
+            log.error("configuration reload by %s refused, still running the previous one: %s", source, result.message)
+            for issue in result.issues:
+                log.error("  %s", issue)
+        return result
+
+    def _reload(self, source: str) -> ReloadResult:
+        if not self.config_path:
+            return ReloadResult(False, "medlb was started without a config file; nothing to reload")
+        try:
+            new = load_config(self.config_path)
+        except ConfigError as exc:
+            return ReloadResult(False, f"{self.config_path} is invalid ({len(exc.issues)} error(s))", exc.issues)
+        runtime = self.runtime
+        keep: dict[tuple[str, HostPort], Listener] = {}
+        for f_name, frontend in runtime.frontends.items():
+            for listener in frontend.listeners:
+                if listener.bind is not None:
+                    keep[(f_name, listener.bind)] = listener
+        try:
+            opened = self._open_listeners(new, keep)
+        except StartupError as exc:
+            return ReloadResult(False, str(exc))
+        if new.admin is not None and self.admin is not None:
+            try:
+                self.admin.reconfigure(new.admin)
+            except StartupError as exc:
+                for _, _, sock in opened:
+                    sock.close()
+                return ReloadResult(False, str(exc))
+        summary = self._apply(new, keep, opened)
+        return ReloadResult(True, summary)
+
+    def _apply(
+        self,
+        new: Config,
+        keep: dict[tuple[str, HostPort], Listener],
+        opened: list[tuple[str, HostPort, socket.socket]],
+    ) -> str:
+        old = self.config
+        runtime = self.runtime
+        loop = self._loop
+        assert loop is not None
+        now = loop.time()
+        counts = {"added": 0, "removed": 0, "kept": 0}
+
+        # Backends first: frontends point at them.
+        for b_cfg in new.backends:
+            backend = runtime.backends.get(b_cfg.name)
+            old_b = _find(old.backends, b_cfg.name)
+            if backend is None or old_b is None:
+                fresh = [self._make_server(new, b_cfg, s_cfg, now) for s_cfg in b_cfg.servers]
+                backend = Backend(b_cfg.name, fresh, make_balancer(b_cfg.balance), self._policy(new, b_cfg), loop.time)
+                runtime.backends[b_cfg.name] = backend
+                self.alerts.watch(backend)
+                for s_cfg, made in zip(b_cfg.servers, fresh, strict=True):
+                    runtime.start_checker(made, self._make_checker(new, b_cfg, s_cfg, made))
+                counts["added"] += len(fresh)
+                continue
+            servers: list[Server] = []
+            for s_cfg in b_cfg.servers:
+                server: Server | None = backend.server(s_cfg.name)
+                old_s = _find(old_b.servers, s_cfg.name) or runtime.added.get((b_cfg.name, s_cfg.name))
+                if (b_cfg.name, s_cfg.name) in self._removed:
+                    if old_s == s_cfg:
+                        continue  # removed by an operator, and the file did not change it
+                    self._removed.discard((b_cfg.name, s_cfg.name))
+                if server is not None and server.address == s_cfg.address:
+                    self._update_server(new, b_cfg, s_cfg, old, old_b, old_s, server, now)
+                    counts["kept"] += 1
+                else:
+                    server = self._make_server(new, b_cfg, s_cfg, now)
+                    runtime.start_checker(server, self._make_checker(new, b_cfg, s_cfg, server))
+                    counts["added"] += 1
+                runtime.added.pop((b_cfg.name, s_cfg.name), None)
+                servers.append(server)
+            # Servers added through the API survive a reload that does not mention them.
+            for b_name, s_name in runtime.added:
+                if b_name == b_cfg.name:
+                    extra = backend.server(s_name)
+                    if extra is not None:
+                        servers.append(extra)
+            balancer = backend.balancer if old_b.balance == b_cfg.balance else make_balancer(b_cfg.balance)
+            for server in backend.reconfigure(servers, balancer, self._policy(new, b_cfg)):
+                self._retire_server(server)
+                counts["removed"] += 1
+        for name in [n for n in runtime.backends if _find(new.backends, n) is None]:
+            backend = runtime.backends.pop(name)
+            self.alerts.unwatch(backend)
+            for server in backend.servers:
+                self._retire_server(server)
+                counts["removed"] += 1
+            runtime.added = {k: v for k, v in runtime.added.items() if k[0] != name}
+
+        # Frontends: keep listeners whose address did not change.
+        wanted = {(f.name, b) for f in new.frontends for b in f.bind}
+        for f_cfg in new.frontends:
+            frontend = runtime.frontends.get(f_cfg.name)
+            backend = runtime.backends[f_cfg.default_backend]
+            if frontend is None:
+                frontend = self._make_frontend(loop, new, f_cfg)
+                runtime.frontends[f_cfg.name] = frontend
+            else:
+                frontend.reconfigure(
+                    backend,
+                    maxconn=f_cfg.maxconn,
+                    timeouts=resolve_timeouts(new, new.backend(f_cfg.default_backend), f_cfg),
+                    proxy_protocol=backend.policy.proxy_protocol,
+                    splice=new.global_.splice,
+                )
+                for listener in list(frontend.listeners):
+                    if listener.bind is None or (f_cfg.name, listener.bind) not in wanted or listener.bind.port == 0:
+                        log.info("frontend %s: closing listener %s", f_cfg.name, listener.bind)
+                        frontend.remove_listener(listener)
+        for frontend_name, bind, sock in opened:
+            self._add_listener(runtime.frontends[frontend_name], bind, sock)
+        for name in [n for n in runtime.frontends if all(f.name != n for f in new.frontends)]:
+            frontend = runtime.frontends.pop(name)
+            frontend.close_listeners()
+            if frontend.sessions:
+                runtime.retired_frontends.append(frontend)
+            log.info("frontend %s removed; %d session(s) finish on their own", name, frontend.cur_sessions)
+
+        self.alerts.reconfigure(new.alerts)
+        if new.global_.log_level != old.global_.log_level:
+            logging.getLogger().setLevel(getattr(logging, new.global_.log_level.upper()))
+        for key in ("loop", "nofile"):
+            if getattr(new.global_, key) != getattr(old.global_, key):
+                log.warning("global.%s changes take effect at the next restart", key)
+        if (new.admin is None) != (old.admin is None):
+            log.warning("adding or removing the admin section takes effect at the next restart")
+        self.config = new
+        runtime.config = new
+        runtime.reloads += 1
+        return (
+            f"{len(new.frontends)} frontend(s), {len(new.backends)} backend(s); "
+            f"servers kept {counts['kept']}, added {counts['added']}, removed {counts['removed']}"
+        )
+
+    def _update_server(
+        self,
+        new: Config,
+        b_cfg: BackendConfig,
+        s_cfg: ServerConfig,
+        old: Config,
+        old_b: BackendConfig,
+        old_s: ServerConfig | None,
+        server: Server,
+        now: float,
+    ) -> None:
+        """A surviving server keeps health and counters; the file wins only where it changed.
+
+        A runtime change (drain, weight) survives a reload of an unchanged
+        config: the operator's drain must not be undone by a colleague's reload.
+        When the file's own value changed, the file is the newer intent.
+        """
+        if old_s is None or old_s.weight != s_cfg.weight:
+            server.set_weight(s_cfg.weight, "config reload")
+        if old_s is None or old_s.admin_state != s_cfg.admin_state:
+            server.set_admin_state(AdminState(s_cfg.admin_state), now, "config reload")
+        server.maxconn = s_cfg.maxconn
+        server.backup = s_cfg.backup
+        server.slowstart = _slowstart(new, b_cfg, s_cfg)
+        check = resolve_check(new, b_cfg, s_cfg)
+        server.health.rise, server.health.fall = check.rise, check.fall
+        current = self.runtime.checkers.get(server)
+        fresh = self._make_checker(new, b_cfg, s_cfg, server)
+        if current is None or (current.check, current.agent, current.check_timeout, current.vip, current.vport) != (
+            fresh.check,
+            fresh.agent,
+            fresh.check_timeout,
+            fresh.vip,
+            fresh.vport,
+        ):
+            self.runtime.start_checker(server, fresh)
+
+    def _retire_server(self, server: Server) -> None:
+        self.runtime.stop_checker(server)
+        if server.cur_sessions > 0:
+            self.runtime.retired_servers.append(server)
+            log.warning("server %s removed from the config: draining %d session(s)", server.key, server.cur_sessions)
 
     # -- running ------------------------------------------------------------------------
 
     def request_stop(self) -> None:
         self._stop.set()
 
-    @staticmethod
-    def _sighup() -> None:
-        log.warning("SIGHUP received: configuration reload is not supported yet; still running the loaded config")
+    def request_reload(self) -> None:
+        """SIGHUP: reload in a task (the signal handler itself must not block)."""
+        if self._group is not None:
+            self._group.create_task(self.reload("SIGHUP"), name="reload")
 
     async def run(self, install_signals: bool = True) -> int:
         loop = asyncio.get_running_loop()
+        self._loop = loop
         nofile = raise_nofile(self.config.global_.nofile)
         self._build(loop)
         self._bind()
+        try:
+            if self.config.admin is not None:
+                self.admin = AdminServer(self.config.admin, self, self._metrics().render)
+                await self.admin.start()
+        except BaseException:
+            for frontend in self.runtime.frontends.values():
+                frontend.close_listeners()
+                frontend.abort_sessions("startup_failed")
+            if self.admin is not None:
+                await self.admin.close()
+            raise
         if install_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.request_stop)
-            # SIGHUP's default action would kill the balancer and every association
-            # with it; `systemctl reload` must never do that. Hitless reload comes
-            # with the admin API; until then, say so and keep running.
-            loop.add_signal_handler(signal.SIGHUP, self._sighup)
+            # SIGHUP reloads (never kills: `systemctl reload` must not cut associations).
+            loop.add_signal_handler(signal.SIGHUP, self.request_reload)
         log.info(
             "medlb started: %d frontend(s), %d backend(s), %d server(s); nofile=%d; loop=%s",
             len(self.runtime.frontends),
@@ -186,7 +482,11 @@ class Supervisor:
         )
         try:
             async with asyncio.TaskGroup() as group:
+                self._group = group
                 self.runtime.attach_group(group)
+                group.create_task(self.alerts.run(), name="alerts")
+                if self.admin is not None:
+                    group.create_task(self.admin.sample_forever(), name="history")
                 self.started.set()
                 await self._stop.wait()
                 await self._graceful_stop()
@@ -194,14 +494,20 @@ class Supervisor:
         except* _Stopped:
             pass
         finally:
+            self._group = None
             if install_signals:
                 for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                     loop.remove_signal_handler(sig)
+            if self.admin is not None:
+                await self.admin.close()
         log.info("medlb stopped")
         return self.exit_code
 
+    def _metrics(self) -> MetricsExporter:
+        return MetricsExporter(lambda: self.runtime, alert_stats_getter=self.alerts.stats)
+
     async def _graceful_stop(self) -> None:
-        frontends = list(self.runtime.frontends.values())
+        frontends = self.runtime.all_frontends()
         for frontend in frontends:
             frontend.close_listeners()
         active = sum(f.cur_sessions for f in frontends)
@@ -214,6 +520,20 @@ class Supervisor:
         cut = sum(f.abort_sessions("hard_stop") for f in frontends)
         if cut:
             log.warning("hard_stop_after reached: closed %d session(s)", cut)
+
+
+def _find(items: Sequence[_Named], name: str) -> _Named | None:
+    for item in items:
+        if item.name == name:
+            return item
+    return None
+
+
+def _slowstart(config: Config, b_cfg: BackendConfig, s_cfg: ServerConfig) -> float:
+    slowstart = s_cfg.slowstart
+    if slowstart is None:
+        slowstart = resolve_backend_value(config, b_cfg, "slowstart", 0.0)
+    return float(slowstart)
 
 
 class _Stopped(Exception):

@@ -27,6 +27,8 @@ class Balancer(ABC):
     #: True when the choice depends on a key (the client address) so the caller
     #: must pass one.
     needs_key = False
+    #: The config name of the algorithm (``balance:``), for status output.
+    name = ""
 
     def rebuild(self, usable: Sequence[Server], now: float) -> None:  # noqa: B027 - optional hook
         """The usable set or a weight changed. Default: nothing to precompute."""

@@ -20,6 +20,8 @@ from medlb.model.server import Server
 class First(Balancer):
     """The first candidate, in config order."""
 
+    name = "first"
+
     __slots__ = ()
 
     def pick(self, candidates: Sequence[Server], now: float, key: bytes | None = None) -> Server | None:

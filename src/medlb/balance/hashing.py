@@ -123,6 +123,8 @@ def build_table(servers: Sequence[Server], size: int) -> list[Server]:
 class SourceHash(Balancer):
     """Consistent hashing of the client address over a weighted Maglev table."""
 
+    name = "source"
+
     __slots__ = ("_signature", "_size", "_table")
 
     needs_key = True

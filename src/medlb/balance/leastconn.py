@@ -28,6 +28,8 @@ from medlb.model.server import Server
 class LeastConn(Balancer):
     """Weighted least connections with round-robin tie breaking."""
 
+    name = "leastconn"
+
     __slots__ = ("_start",)
 
     def __init__(self) -> None:

@@ -31,6 +31,8 @@ from medlb.model.server import Server
 class PowerOfTwo(Balancer):
     """Two weighted random draws, the less loaded one wins."""
 
+    name = "random"
+
     __slots__ = ("_rng",)
 
     def __init__(self, rng: Random | None = None) -> None:

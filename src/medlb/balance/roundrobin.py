@@ -34,6 +34,8 @@ from medlb.model.server import Server
 class RoundRobin(Balancer):
     """Smooth weighted round robin (nginx)."""
 
+    name = "roundrobin"
+
     __slots__ = ("_current", "_rotor")
 
     def __init__(self) -> None:

@@ -79,10 +79,12 @@ def open_listener(address: HostPort, backlog: int) -> socket.socket:
 class Listener:
     """One bound socket of a frontend."""
 
-    __slots__ = ("_active", "_backoff", "family", "frontend", "loop", "proto", "sock", "type")
+    __slots__ = ("_active", "_backoff", "bind", "family", "frontend", "loop", "proto", "sock", "type")
 
-    def __init__(self, frontend: Frontend, sock: socket.socket) -> None:
+    def __init__(self, frontend: Frontend, sock: socket.socket, bind: HostPort | None = None) -> None:
         self.frontend = frontend
+        #: The configured address (port 0 stays 0): what a reload compares.
+        self.bind = bind
         self.loop = frontend.loop
         self.sock = sock
         self.family, self.type, self.proto = sock.family, sock.type, sock.proto
@@ -198,11 +200,43 @@ class Frontend:
     def full(self) -> bool:
         return len(self.sessions) >= self.maxconn
 
-    def add_listener(self, sock: socket.socket) -> Listener:
-        listener = Listener(self, sock)
+    def add_listener(self, sock: socket.socket, bind: HostPort | None = None) -> Listener:
+        listener = Listener(self, sock, bind)
         self.listeners.append(listener)
-        listener.resume()
+        if not self.full:
+            listener.resume()
         return listener
+
+    def reconfigure(
+        self, backend: Backend, *, maxconn: int, timeouts: ResolvedTimeouts, proxy_protocol: str, splice: bool
+    ) -> None:
+        """Apply a reloaded configuration; listeners and running sessions are untouched.
+
+        Sessions keep the backend they started on (``TcpSession.backend``); only
+        new sessions see the new backend, limits and timeouts.
+        """
+        self.backend = backend
+        self.timeouts = timeouts
+        self.proxy_protocol = proxy_protocol
+        self.splice = splice
+        self.idle_timeout = min(timeouts.client, timeouts.server)
+        self.sweep_interval = min(max(self.idle_timeout / 4, 0.05), 1.0)
+        if self._sweeper is None and self.idle_timeout > 0 and not self.stopping:
+            self._sweeper = self.loop.call_later(self.sweep_interval, self._sweep)
+        was_full = self.full
+        self.maxconn = maxconn
+        if self.stopping:
+            return
+        if self.full and not was_full:
+            for listener in self.listeners:
+                listener.pause()
+        elif was_full and not self.full:
+            for listener in self.listeners:
+                listener.resume()
+
+    def remove_listener(self, listener: Listener) -> None:
+        listener.close()
+        self.listeners.remove(listener)
 
     def accepted(self, conn: socket.socket, addr: tuple[str, int]) -> None:
         session = TcpSession(self, conn, addr)
@@ -229,6 +263,9 @@ class Frontend:
 
     def _sweep(self) -> None:
         # Re-arm first: a failure below must never switch idle timeouts off.
+        if self.idle_timeout <= 0:
+            self._sweeper = None
+            return
         self._sweeper = self.loop.call_later(self.sweep_interval, self._sweep)
         now = self.loop.time()
         idle = self.idle_timeout

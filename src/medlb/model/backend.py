@@ -115,6 +115,31 @@ class Backend:
             self.servers.remove(server)
         self._changed()
 
+    def reconfigure(self, servers: list[Server], balancer: Balancer, policy: BackendPolicy) -> list[Server]:
+        """Take a reloaded server list, algorithm and policy; return the servers dropped.
+
+        Surviving :class:`Server` objects are passed in again (same identity), so
+        their health, admin state and counters carry over. Dropped servers are
+        detached from selection but keep their sessions, which release their slot
+        as usual when they end (the server drains).
+        """
+        keep = set(servers)
+        dropped = [s for s in self.servers if s not in keep]
+        for server in dropped:
+            if self._on_server_change in server.listeners:
+                server.listeners.remove(self._on_server_change)
+        for server in servers:
+            server.backend_name = self.name
+            if self._on_server_change not in server.listeners:
+                server.listeners.append(self._on_server_change)
+        self.servers = list(servers)
+        self.balancer = balancer
+        self.policy = policy
+        self._changed()
+        if self.queue:
+            self.dispatch_queue()
+        return dropped
+
     def server(self, name: str) -> Server | None:
         for server in self.servers:
             if server.name == name:

@@ -1,0 +1,229 @@
+"""Hitless reload, end to end: SIGHUP and the API under live traffic.
+
+The promises: listeners that did not change keep their sockets (no refused
+connection under churn), established sessions keep running on their server,
+surviving servers keep their health and admin state, new servers warm up
+before taking traffic, removed servers drain, and a bad config changes nothing.
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tests.helpers import (
+    Backend,
+    Medlb,
+    api,
+    free_port,
+    greet,
+    running_medlb,
+    server_of,
+    tcp_config,
+    wait_until,
+    with_admin,
+)
+
+
+def _config(port: int, servers: list[Backend], **extra: Any) -> dict[str, Any]:
+    config = tcp_config(port, [{"name": b.name, "address": f"127.0.0.1:{b.port}"} for b in servers])
+    config.update(extra)
+    return config
+
+
+def _rewrite(lb: Medlb, config: dict[str, Any]) -> None:
+    tmp = lb.config_path.with_suffix(".tmp")
+    tmp.write_text(yaml.safe_dump(config))
+    tmp.replace(lb.config_path)  # atomic, as config management tools do
+
+
+def _open(port: int) -> tuple[socket.socket, str]:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+    data = b""
+    while not data.endswith(b"\n"):
+        data += sock.recv(64)
+    return sock, data.decode().strip()
+
+
+class Churn(threading.Thread):
+    """Opens and closes sessions as fast as it can; counts failures of any kind."""
+
+    def __init__(self, port: int) -> None:
+        super().__init__(daemon=True)
+        self.port = port
+        self.ok = 0
+        self.failures: list[str] = []
+        self.halt = threading.Event()
+
+    def run(self) -> None:
+        while not self.halt.is_set():
+            try:
+                name = greet(self.port, timeout=5)
+                if not name:
+                    self.failures.append("empty greeting")
+                else:
+                    self.ok += 1
+            except OSError as exc:
+                self.failures.append(repr(exc))
+
+
+def test_sighup_reloads_under_churn_with_zero_refused_connections(tmp_path: Path) -> None:
+    s1, s2, s3 = Backend("s1"), Backend("s2"), Backend("s3")
+    port = free_port()
+    config = _config(port, [s1, s2])
+    try:
+        with running_medlb(config, tmp_path) as lb:
+            lb.wait_for_log("pool/s2 op_state DOWN -> UP")
+            long_sock, long_server = _open(port)
+            churn = [Churn(port), Churn(port)]
+            for c in churn:
+                c.start()
+            variants = [
+                _config(port, [s1, s2, s3]),  # add a server
+                _config(port, [s2, s3]),  # remove one (the long session may be on it)
+                _config(port, [s1, s2, s3]),
+                _config(port, [s1, s2]),
+            ]
+            for n, variant in enumerate(variants * 2, start=1):
+                _rewrite(lb, variant)
+                lb.signal(signal.SIGHUP)
+                wait_until(lambda n=n: lb.log.count("configuration reloaded by SIGHUP") >= n)
+                time.sleep(0.15)
+            for c in churn:
+                c.halt.set()
+            for c in churn:
+                c.join(10)
+            assert sum(c.ok for c in churn) > 200
+            assert [f for c in churn for f in c.failures] == []
+            # The long session survived eight reloads, on its original server.
+            long_sock.sendall(b"still here")
+            assert long_sock.recv(64) == b"still here"
+            long_sock.close()
+            wait_until(lambda: f"server={long_server} " in lb.log.split("configuration reloaded")[-1])
+            assert "term=client_close" in lb.log.split("configuration reloaded")[-1]
+    finally:
+        for b in (s1, s2, s3):
+            b.stop()
+
+
+def test_reload_keeps_health_and_admin_state_and_warms_up_new_servers(tmp_path: Path) -> None:
+    s1, s2, s3 = Backend("s1"), Backend("s2"), Backend("s3")
+    port = free_port()
+    config = _config(port, [s1, s2])
+    url = with_admin(config, tmp_path)
+    try:
+        with running_medlb(config, tmp_path) as lb:
+            lb.wait_for_log("pool/s2 op_state DOWN -> UP")
+            api(f"{url}/api/v1/backends/pool/servers/s1", "PATCH", {"admin_state": "drain"})
+            new = _config(port, [s1, s2, s3])
+            new["admin"] = config["admin"]
+            # Slow checks for the new server: it must stay out until its first one passes.
+            new["backends"][0]["servers"][2]["check"] = {"inter": "1s"}
+            _rewrite(lb, new)
+            code, doc = api(f"{url}/api/v1/reload", "POST")
+            assert code == 200, doc
+            assert "servers kept 2, added 1, removed 0" in doc["message"]
+            code, status = api(f"{url}/api/v1/status")
+            s1_doc, s2_doc = server_of(status, "pool/s1"), server_of(status, "pool/s2")
+            assert s1_doc["admin_state"] == "drain" and s1_doc["op_state"] == "UP"
+            assert s2_doc["op_state"] == "UP" and s2_doc["state_changes"] == 1  # no flap
+            lb.wait_for_log("pool/s3 op_state DOWN -> UP")
+            seen = {greet(port) for _ in range(6)}
+            assert seen == {"s2", "s3"}
+            log = lb.log
+            assert log.index("pool/s3 op_state DOWN -> UP") < log.index("server=s3 ")
+    finally:
+        for b in (s1, s2, s3):
+            b.stop()
+
+
+def test_a_removed_server_drains_its_sessions(tmp_path: Path) -> None:
+    s1, s2 = Backend("s1"), Backend("s2")
+    port = free_port()
+    config = _config(port, [s1, s2])
+    url = with_admin(config, tmp_path)
+    try:
+        with running_medlb(config, tmp_path) as lb:
+            lb.wait_for_log("pool/s2 op_state DOWN -> UP")
+            sessions = [_open(port) for _ in range(2)]
+            on_s1 = next(sock for sock, name in sessions if name == "s1")
+            new = _config(port, [s2])
+            new["admin"] = config["admin"]
+            _rewrite(lb, new)
+            code, doc = api(f"{url}/api/v1/reload", "POST")
+            assert code == 200 and "removed 1" in doc["message"]
+            lb.wait_for_log("server pool/s1 removed from the config: draining 1 session(s)")
+            code, status = api(f"{url}/api/v1/status")
+            retired = server_of(status, "pool/s1")
+            assert retired["retired"] is True and retired["cur_sessions"] == 1
+            assert {greet(port) for _ in range(3)} == {"s2"}
+            on_s1.sendall(b"ping")
+            assert on_s1.recv(64) == b"ping"
+            for sock, _ in sessions:
+                sock.close()
+
+            def gone() -> bool:
+                _, st = api(f"{url}/api/v1/status")
+                return [s["name"] for s in st["backends"][0]["servers"]] == ["s2"]
+
+            wait_until(gone)
+    finally:
+        for b in (s1, s2):
+            b.stop()
+
+
+def test_reload_moves_a_listener_and_rejects_a_port_in_use(tmp_path: Path) -> None:
+    s1 = Backend("s1")
+    port, new_port = free_port(), free_port()
+    config = _config(port, [s1])
+    url = with_admin(config, tmp_path)
+    blocker = socket.socket()
+    blocker.bind(("127.0.0.1", 0))
+    blocker.listen()
+    try:
+        with running_medlb(config, tmp_path) as lb:
+            lb.wait_for_log("pool/s1 op_state DOWN -> UP")
+            busy = dict(config)
+            busy["frontends"] = [dict(config["frontends"][0], bind=[f"127.0.0.1:{blocker.getsockname()[1]}"])]
+            _rewrite(lb, busy)
+            code, doc = api(f"{url}/api/v1/reload", "POST")
+            assert code == 422 and "address already in use" in doc["message"]
+            assert greet(port) == "s1"  # nothing changed
+            moved = dict(config)
+            moved["frontends"] = [dict(config["frontends"][0], bind=[f"127.0.0.1:{new_port}"])]
+            _rewrite(lb, moved)
+            code, doc = api(f"{url}/api/v1/reload", "POST")
+            assert code == 200, doc
+            assert greet(new_port) == "s1"
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=2).close()
+            except ConnectionRefusedError:
+                pass
+            else:
+                raise AssertionError("the old listener should be closed")
+    finally:
+        blocker.close()
+        s1.stop()
+
+
+def test_reload_with_a_bad_file_changes_nothing(tmp_path: Path) -> None:
+    s1 = Backend("s1")
+    port = free_port()
+    config = _config(port, [s1])
+    try:
+        with running_medlb(config, tmp_path) as lb:
+            lb.wait_for_log("pool/s1 op_state DOWN -> UP")
+            lb.config_path.write_text("frontends: [unclosed\n")
+            lb.signal(signal.SIGHUP)
+            lb.wait_for_log("configuration reload by SIGHUP refused, still running the previous one")
+            lb.wait_for_log("YAML syntax error")
+            assert greet(port) == "s1"
+            assert lb.proc.poll() is None
+    finally:
+        s1.stop()
