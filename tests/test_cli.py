@@ -105,7 +105,7 @@ def test_demo_serves_through_medlb_and_stops_on_sigint() -> None:
 
     port = _demo_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "medlb", "demo", "--port", str(port)],
+        [sys.executable, "-m", "medlb", "demo", "--port", str(port), "--admin-port", str(port + 104)],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -122,10 +122,17 @@ def test_demo_serves_through_medlb_and_stops_on_sigint() -> None:
             proc.kill()
             raise AssertionError(f"demo did not serve: {seen}\n{proc.communicate()[0]}")
         assert seen.count("medlb demo: served by s2") == 4 and seen.count("medlb demo: served by s1") == 2
+        # The dashboard/API is up too, behind the token the banner prints.
+        from tests.helpers import api
+
+        code, _ = api(f"http://127.0.0.1:{port + 104}/api/v1/status", token=None)
+        assert code == 401
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=10)
         assert proc.returncode == 0
         assert "medlb demo is running." in out and "medlb stopped" in out
+        token = out.split("  token: ", 1)[1].split()[0]
+        assert len(token) >= 16 and f"http://127.0.0.1:{port + 104}/" in out
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -133,7 +140,7 @@ def test_demo_serves_through_medlb_and_stops_on_sigint() -> None:
 
 
 def _demo_port() -> int:
-    """A frontend port whose demo server ports (+101..+103) are free too. Taken below
+    """A frontend port whose demo server ports (+101..+103) and admin port (+104) are free too. Taken below
     the ephemeral range, where client sockets of other tests cannot hold them."""
     import random
 
@@ -141,7 +148,7 @@ def _demo_port() -> int:
         port = random.randrange(20000, 30000)
         probes: list[socket.socket] = []
         try:
-            for candidate in (port, port + 101, port + 102, port + 103):
+            for candidate in (port, port + 101, port + 102, port + 103, port + 104):
                 probe = socket.socket()
                 probes.append(probe)
                 probe.bind(("127.0.0.1", candidate))
