@@ -3,6 +3,7 @@ states from the config, the feedback agent, and graceful stop."""
 
 from __future__ import annotations
 
+import contextlib
 import re
 import signal
 import socket
@@ -314,3 +315,49 @@ def test_sighup_reloads_without_killing_the_balancer(tmp_path: Path) -> None:
         assert session.recv(16) == b"alive"
         assert lb.proc.poll() is None
         session.close()
+
+
+def test_a_server_going_down_sends_a_webhook_alert(tmp_path: Path) -> None:
+    """The alert wiring end to end: a real medlb, a real HTTP receiver, a server that dies."""
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    received: list[dict[str, object]] = []
+
+    class Receiver(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            received.append(json.loads(body))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    receiver = ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
+    threading.Thread(target=receiver.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    s1, s2 = Backend("s1"), Backend("s2")
+    port = free_port()
+    config = tcp_config(port, [{"name": b.name, "address": f"127.0.0.1:{b.port}"} for b in (s1, s2)])
+    config["alerts"] = {"webhook": {"url": f"http://127.0.0.1:{receiver.server_address[1]}/hook"}}
+    try:
+        with running_medlb(config, tmp_path) as lb:
+            lb.wait_for_log("pool/s2 op_state DOWN -> UP")
+            s2.stop()
+            lb.wait_for_log("pool/s2 op_state UP -> DOWN")
+            wait_until(lambda: any(a["kind"] == "server_down" for a in received))
+            alert = next(a for a in received if a["kind"] == "server_down")
+            assert alert["subject"] == "pool/s2" and alert["severity"] == "warning"
+            assert "DOWN" in str(alert["text"]) and alert["source"] == "medlb"
+            s1.stop()
+            lb.wait_for_log("pool/s1 op_state UP -> DOWN")
+            wait_until(lambda: any(a["kind"] == "backend_down" for a in received))
+            down = next(a for a in received if a["kind"] == "backend_down")
+            assert down["subject"] == "pool" and down["severity"] == "critical"
+    finally:
+        receiver.shutdown()
+        receiver.server_close()
+        for b in (s1, s2):
+            with contextlib.suppress(OSError):
+                b.stop()

@@ -206,3 +206,33 @@ def test_dispatch_is_not_reentrant() -> None:
     b.queue.extend(FailingWaiter(i) for i in range(2000))  # deep enough to overflow the stack
     b.release(a)
     assert order == list(range(2000)) and not b.queue and a.cur_sessions == 0
+
+
+def test_reconfigure_keeps_surviving_servers_and_returns_the_dropped() -> None:
+    a, b_, c = srv("a"), srv("b"), srv("c")
+    pool = backend(a, b_)
+    a.cur_sessions = 1  # a session still runs on a
+    dropped = pool.reconfigure([b_, c], make_balancer("leastconn"), BackendPolicy(retries=5))
+    assert dropped == [a]
+    assert pool.servers == [b_, c] and pool.policy.retries == 5
+    assert pool.balancer.name == "leastconn"
+    assert pool.usable() == [b_, c]
+    # The dropped server no longer reports to this backend, but can still release its slot.
+    seen: list[str] = []
+    pool.state_listeners.append(lambda server, what, cause: seen.append(server.name))
+    a.set_admin_state(AdminState.DRAIN, 0.0, "test")
+    c.set_admin_state(AdminState.DRAIN, 0.0, "test")
+    assert seen == ["c"]
+    pool.release(a)
+    assert a.cur_sessions == 0
+
+
+def test_reconfigure_serves_the_queue_when_capacity_grows() -> None:
+    a = srv("a", maxconn=1)
+    pool = backend(a)
+    assert pool.select() is a
+    waiter = FakeWaiter()
+    pool.queue.append(waiter)
+    extra = srv("b")
+    pool.reconfigure([a, extra], pool.balancer, pool.policy)
+    assert waiter.granted == [extra]
