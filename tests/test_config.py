@@ -140,6 +140,21 @@ def test_agent_is_enabled_by_a_port() -> None:
         (lambda r: r["frontends"][0].update(mode="smtp"), "frontends[0].mode:"),
         (lambda r: r["backends"][0].update(check={"type": "external"}), "backends[0].check.command: required"),
         (lambda r: r.update(frontend=[]), "frontend: unknown key"),
+        (lambda r: r.update(admin={}), "admin.token_file: the admin API needs a token"),
+        (lambda r: r.update(admin={"token_file": "/t", "token_env": "T"}), "admin.token_env: set token_file or"),
+        (lambda r: r.update(admin={"token_env": "T", "bind": "nowhere"}), "admin.bind: expected host:port"),
+        (lambda r: r.update(admin={"token_env": "bad name"}), "admin.token_env:"),
+        (lambda r: r.update(alerts={"webhook": {"url": "ftp://x"}}), "alerts.webhook.url:"),
+        (
+            lambda r: r.update(alerts={"email": {"host": "h", "from": "a@b", "to": ["c@d"], "password_env": "P"}}),
+            "alerts.email.username: required when a password is set",
+        ),
+        (
+            lambda r: r.update(alerts={"email": {"host": "h", "from": "a@b", "to": ["c@d"], "username": "u"}}),
+            "alerts.email.password_file: a username needs",
+        ),
+        (lambda r: r.update(alerts={"email": {"host": "h", "from": "a@b", "to": []}}), "alerts.email.to:"),
+        (lambda r: r.update(alerts={"rate_limit": {"burst": 0}}), "alerts.rate_limit.burst:"),
     ],
 )
 def test_each_mistake_is_reported_with_its_location(mutate: Any, expected: str) -> None:
@@ -147,6 +162,13 @@ def test_each_mistake_is_reported_with_its_location(mutate: Any, expected: str) 
     mutate(raw)
     errors = errors_of(raw)
     assert any(e.startswith(expected) for e in errors), errors
+
+
+def test_admin_and_alerts_sections_are_optional_and_have_safe_defaults() -> None:
+    config = parse_config({**contract(), "admin": {"token_env": "MEDLB_TOKEN"}})
+    assert config.admin is not None
+    assert str(config.admin.bind) == "127.0.0.1:9900" and config.admin.metrics_auth is True
+    assert config.alerts is None and parse_config(contract()).admin is None
 
 
 def test_all_errors_are_reported_at_once() -> None:

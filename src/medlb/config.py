@@ -429,8 +429,11 @@ def _semantic_issues(raw: Mapping[str, Any]) -> list[ConfigIssue]:
     if isinstance(email, dict):
         if email.get("password_file") and email.get("password_env"):
             issues.append(ConfigIssue("alerts.email.password_env", "set password_file or password_env, not both"))
-        if (email.get("password_file") or email.get("password_env")) and not email.get("username"):
+        has_password = bool(email.get("password_file") or email.get("password_env"))
+        if has_password and not email.get("username"):
             issues.append(ConfigIssue("alerts.email.username", "required when a password is set"))
+        if email.get("username") and not has_password:
+            issues.append(ConfigIssue("alerts.email.password_file", "a username needs password_file or password_env"))
     return issues
 
 

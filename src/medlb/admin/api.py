@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import ipaddress
 import json
 import logging
 import os
@@ -214,6 +215,11 @@ class AdminServer:
         name = sockets[0].getsockname() if sockets else (bind.host, bind.port)
         self.address = (name[0], name[1])
         scheme = "https" if self.ssl else "http"
+        if self.ssl is None and not ipaddress.ip_address(self.address[0]).is_loopback:
+            log.warning(
+                "admin API on %s without TLS: the token crosses the network in clear; set admin.tls",
+                self.address[0],
+            )
         log.info("admin API and dashboard on %s://%s:%d/", scheme, self.address[0], self.address[1])
 
     async def close(self) -> None:
