@@ -436,3 +436,69 @@ def test_metrics_need_the_token_unless_configured_open(tmp_path: Path) -> None:
             assert code == 401  # only /metrics is open
     finally:
         backend.stop()
+
+
+def test_admin_api_over_tls_refuses_old_protocols(tmp_path: Path) -> None:
+    import ssl
+    import subprocess
+    import urllib.request
+    import warnings
+
+    cert, key = tmp_path / "admin.crt", tmp_path / "admin.key"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    backend = Backend("s1")
+    port = free_port()
+    config = tcp_config(port, [{"name": "s1", "address": f"127.0.0.1:{backend.port}"}])
+    url = with_admin(config, tmp_path, tls={"cert": str(cert), "key": str(key)}).replace("http:", "https:")
+    try:
+        with running_medlb(config, tmp_path) as lb:
+            lb.wait_for_log(f"admin API and dashboard on {url}/")
+            context = ssl.create_default_context(cafile=str(cert))
+            context.check_hostname = False
+            request = urllib.request.Request(url + "/api/v1/status", headers={"Authorization": f"Bearer {TOKEN}"})
+            with urllib.request.urlopen(request, timeout=5, context=context) as response:
+                assert response.status == 200
+                assert response.fp.raw._sock.version() in ("TLSv1.2", "TLSv1.3")  # type: ignore[attr-defined]
+            # A TLS 1.2 client offering only a static-RSA cipher (no forward secrecy) is refused.
+            weak = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            weak.check_hostname = False
+            weak.verify_mode = ssl.CERT_NONE
+            weak.maximum_version = ssl.TLSVersion.TLSv1_2
+            weak.set_ciphers("AES256-SHA256")
+            with pytest.raises(OSError, match="HANDSHAKE_FAILURE|handshake failure|UNEXPECTED_EOF"):
+                urllib.request.urlopen(url + "/api/v1/status", timeout=5, context=weak)
+            # TLS 1.1, offered by a client that allows it (security level 0), is refused too.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                old = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+                old.check_hostname = False
+                old.verify_mode = ssl.CERT_NONE
+                old.set_ciphers("DEFAULT:@SECLEVEL=0")
+                old.minimum_version = ssl.TLSVersion.TLSv1
+                old.maximum_version = ssl.TLSVersion.TLSv1_1
+            with pytest.raises(OSError, match="VERSION|version|UNEXPECTED_EOF"):
+                urllib.request.urlopen(url + "/api/v1/status", timeout=5, context=old)
+            # Plain HTTP on the TLS port gets no answer at all.
+            with pytest.raises(OSError):
+                api(url.replace("https:", "http:") + "/api/v1/status")
+    finally:
+        backend.stop()
