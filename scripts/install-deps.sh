@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install the Debian packages medlb's tests and benchmarks use, only when missing.
 # Real peers, never mocks: HAProxy is the balancer to beat, iperf3/wrk/nginx load
-# and serve the benchmarks. Later modes add their peers (dcmtk, orthanc, ...) here.
+# and serve the benchmarks, Chromium runs the dashboard test. Later modes add their peers
+# (dcmtk, orthanc, ...) here.
 set -euo pipefail
 
 # binary -> Debian package
@@ -12,13 +13,14 @@ declare -A NEED=(
   [nginx]=nginx
   [ps]=procps
   [ss]=iproute2
-  [chromium]=chromium
+  [chromium]="chromium fonts-dejavu-core"
 )
 
 missing=()
 for bin in "${!NEED[@]}"; do
   if ! command -v "$bin" >/dev/null 2>&1 && [ ! -x "/usr/sbin/$bin" ]; then
-    missing+=("${NEED[$bin]}")
+    read -r -a pkgs <<< "${NEED[$bin]}"
+    missing+=("${pkgs[@]}")
   fi
 done
 
