@@ -14,6 +14,11 @@ Measured per path (see ``bench/README.md``):
 - memory per idle proxied session: proxy RSS before/after holding N idle
   connections open to a holding server, divided by N.
 
+``medlb-observed`` is medlb (splice) with its admin API on, scraped by a
+thread of this script (``/metrics``, ``/api/v1/status``, ``/api/v1/history``
+once per second) while every measurement against it runs: the
+``observed/medlb`` column shows what observability costs the data path.
+
 Run: ``.venv/bin/python bench/tcp_bench.py [--smoke] [--out FILE.md] [--duration S]``.
 
 Only the standard library is used so the script runs under any Python that
@@ -32,6 +37,7 @@ import os
 import platform
 import re
 import resource
+import secrets
 import selectors
 import shutil
 import signal
@@ -40,7 +46,10 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,14 +57,22 @@ from typing import IO
 
 HOST = "127.0.0.1"
 REPO = Path(__file__).resolve().parent.parent
-#: The path names, in table order. ``medlb`` is the shipped default (splice on).
-PATHS = ("direct", "haproxy", "medlb", "medlb-copy")
+#: The path names, in table order. ``medlb`` is the shipped default (splice on); ``medlb-observed`` is the
+#: same plus the admin API, scraped while it is measured (next to ``medlb`` so interleaving puts them side by side).
+PATHS = ("direct", "haproxy", "medlb", "medlb-observed", "medlb-copy")
 PATH_TITLES = {
     "direct": "direct",
     "haproxy": "HAProxy",
     "medlb": "medlb (splice)",
+    "medlb-observed": "medlb (observed)",
     "medlb-copy": "medlb (copy)",
 }
+#: Ratio columns: (title, numerator path, denominator path).
+RATIOS = (
+    ("medlb/direct", "medlb", "direct"),
+    ("medlb/HAProxy", "medlb", "haproxy"),
+    ("observed/medlb", "medlb-observed", "medlb"),
+)
 #: Metric keys, in table order, with their row titles.
 METRICS = {
     "bulk1": "Bulk throughput, 1 stream (Gbit/s)",
@@ -67,6 +84,10 @@ METRICS = {
 PROXY_FD_MARGIN = 400
 PROBE_REQUEST = b"PROBE\n"
 PROBE_REPLY = b"OK\n"
+#: What the scraper fetches from medlb (observed) each round, in order.
+SCRAPE_ENDPOINTS = ("/metrics", "/api/v1/status", "/api/v1/history")
+#: Seconds between scrape rounds: 15x more often than Prometheus's default scrape_interval of 15 s.
+SCRAPE_INTERVAL = 1.0
 
 
 class BenchError(RuntimeError):
@@ -238,6 +259,8 @@ class Proc:
     name: str
     popen: subprocess.Popen[bytes]
     log_path: Path | None = None
+    #: Base URL of medlb's admin API (``medlb-observed`` only).
+    admin_url: str | None = None
 
     @property
     def pgid(self) -> int:
@@ -412,6 +435,127 @@ def idle_client_main(port: int, n: int) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- admin API scraper
+
+#: No proxy from the environment (http_proxy) for loopback requests to medlb's admin API.
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def admin_get(base_url: str, token: str, endpoint: str, timeout: float) -> tuple[int, bytes]:
+    """GET ``endpoint`` from medlb's admin API with the bearer token: (status, whole body).
+
+    Non-2xx answers are returned, not raised; no answer at all raises (OSError and friends).
+    """
+    request = urllib.request.Request(base_url + endpoint, headers={"Authorization": f"Bearer {token}"})
+    try:
+        with _OPENER.open(request, timeout=timeout) as response:
+            return int(response.status), response.read()
+    except urllib.error.HTTPError as exc:
+        try:
+            return exc.code, exc.read()
+        finally:
+            exc.close()
+
+
+@dataclass
+class Scrape:
+    """One request of the scraper: during which test and round, when, how long it took, and what went wrong.
+
+    ``phase`` is set afterwards by the test (the idle test marks ``held`` the
+    rounds made entirely while all its sessions were open).
+    """
+
+    test: str
+    round: int
+    endpoint: str
+    start: float  # time.monotonic()
+    seconds: float
+    error: str = ""
+    phase: str = ""
+
+
+class Scraper:
+    """A thread fetching every ``SCRAPE_ENDPOINTS`` once per ``interval`` while a measurement runs.
+
+    Use as a context manager around the measurement: the first round starts at
+    once, the thread stops after its current round on exit. A round that
+    overruns the interval delays the next one (no catch-up burst). Every
+    request is recorded in ``out``; a non-200 answer or no answer is a failure.
+    """
+
+    def __init__(self, base_url: str, token: str, test: str, out: list[Scrape], interval: float = SCRAPE_INTERVAL):
+        self.base_url = base_url
+        self.token = token
+        self.test = test
+        self.out = out
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"scraper-{test}", daemon=True)
+
+    def __enter__(self) -> Scraper:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def rounds_within(self, since: float, until: float = float("inf")) -> set[int]:
+        """Rounds whose every request started at or after ``since`` and finished by ``until`` (monotonic)."""
+        per_round: dict[int, list[Scrape]] = {}
+        for x in list(self.out):  # a snapshot: the thread may be appending
+            if x.test == self.test:
+                per_round.setdefault(x.round, []).append(x)
+        return {
+            n
+            for n, xs in per_round.items()
+            if len(xs) == len(SCRAPE_ENDPOINTS) and all(since <= x.start and x.start + x.seconds <= until for x in xs)
+        }
+
+    def mark(self, rounds: set[int], phase: str) -> None:
+        """Label the requests of ``rounds`` with ``phase``."""
+        for x in self.out:
+            if x.test == self.test and x.round in rounds:
+                x.phase = phase
+
+    def _run(self) -> None:
+        next_round = time.monotonic()
+        n = 0
+        while not self._stop.is_set():
+            n += 1
+            for endpoint in SCRAPE_ENDPOINTS:
+                start = time.monotonic()
+                try:
+                    status, body = admin_get(self.base_url, self.token, endpoint, timeout=10)
+                    error = "" if status == 200 else f"HTTP {status}: {body[:300].decode(errors='replace')}"
+                except Exception as exc:  # any failure is data; an exception must not end the thread
+                    error = f"{type(exc).__name__}: {exc}"
+                self.out.append(Scrape(self.test, n, endpoint, start, time.monotonic() - start, error))
+            next_round += self.interval
+            now = time.monotonic()
+            next_round = max(next_round, now)
+            self._stop.wait(next_round - now)
+
+
+def latency_summary(scrapes: list[Scrape], endpoints: tuple[str, ...] = SCRAPE_ENDPOINTS) -> str:
+    """``/metrics 3.1/9.8 ms, ...``: median/max latency of the successful requests per endpoint."""
+    parts = []
+    for endpoint in endpoints:
+        times = [x.seconds * 1000 for x in scrapes if x.endpoint == endpoint and not x.error]
+        if times:
+            parts.append(f"{endpoint} {statistics.median(times):.1f}/{max(times):.1f} ms")
+        else:
+            parts.append(f"{endpoint} -")
+    return ", ".join(parts)
+
+
+def count_summary(scrapes: list[Scrape]) -> str:
+    """``12 scrapes (4 rounds), 0 failed``."""
+    rounds = sum(1 for x in scrapes if x.endpoint == SCRAPE_ENDPOINTS[0])
+    failed = sum(1 for x in scrapes if x.error)
+    return f"{len(scrapes)} scrapes ({rounds} rounds), {failed} failed"
+
+
 # --------------------------------------------------------------------------- backends and proxies
 
 
@@ -440,6 +584,8 @@ class Settings:
     haproxy_rate: tuple[int, int] = (65536, 0)
     repeat: int = 3
     smoke: bool = False
+    #: medlb (observed), idle test: scrape rounds to wait for with all idle sessions open (for the latencies).
+    held_scrape_rounds: int = 10
 
 
 class Bench:
@@ -453,6 +599,13 @@ class Bench:
         self.notes: list[str] = []
         self.cpu: dict[tuple[str, str], float] = {}
         self.details: dict[tuple[str, str], str] = {}
+        #: Every request the scrapers of medlb (observed) made.
+        self.scrapes: list[Scrape] = []
+        self.admin_token = secrets.token_urlsafe(32)
+        self.admin_token_file = self.tmp / "admin-token"
+        fd = os.open(self.admin_token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(self.admin_token + "\n")
         medlb = REPO / ".venv" / "bin" / "medlb"
         self.medlb = str(medlb) if medlb.exists() else (shutil.which("medlb") or "medlb")
 
@@ -546,8 +699,11 @@ http {{
             ]
         return "\n".join(lines) + "\n"
 
-    def medlb_config(self, routes: list[Route], ports: dict[str, int], splice: bool) -> str:
-        """medlb YAML in the documented format; the TCP check makes servers UP within one check."""
+    def medlb_config(self, routes: list[Route], ports: dict[str, int], splice: bool, admin_port: int = 0) -> str:
+        """medlb YAML in the documented format; the TCP check makes servers UP within one check.
+
+        ``admin_port`` adds the ``admin`` section (the admin API with the bench's token file).
+        """
         out = [
             f"global: {{nofile: 200000, splice: {'true' if splice else 'false'}}}",
             "defaults:",
@@ -570,6 +726,12 @@ http {{
                 "    servers:",
                 f'      - {{name: s1, address: "{HOST}:{r.backend_port}"}}',
             ]
+        if admin_port:
+            out += [
+                "admin:",
+                f'  bind: "{HOST}:{admin_port}"',
+                f"  token_file: {json.dumps(str(self.admin_token_file))}",
+            ]
         return "\n".join(out) + "\n"
 
     def start_proxy(
@@ -587,23 +749,60 @@ http {{
             cfg.write_text(self.haproxy_config(routes, ports, tuning or self.s.haproxy_rate))
             proc = self.children.start("haproxy", ["haproxy", "-f", str(cfg), "-db"])
         else:
-            cfg.write_text(self.medlb_config(routes, ports, splice=(path == "medlb")))
+            admin_port = free_port() if path == "medlb-observed" else 0
+            splice = path in ("medlb", "medlb-observed")
+            cfg.write_text(self.medlb_config(routes, ports, splice=splice, admin_port=admin_port))
             check = subprocess.run([self.medlb, "check", "-c", str(cfg)], capture_output=True, text=True)
             if check.returncode != 0:
                 raise BenchError(f"medlb check failed ({check.returncode}): {check.stderr.strip() or check.stdout}")
             proc = self.children.start(
                 path, [self.medlb, "run", "-c", str(cfg), "--no-session-log", "--log-level", "warning"]
             )
+            if admin_port:
+                proc.admin_url = f"http://{HOST}:{admin_port}"
         try:
             for r in routes:
                 wait_port(ports[r.name], 20, proc.popen)
             for r in routes:
                 retry_until(f"{path} route {r.name}", functools.partial(r.probe, ports[r.name]), 20, proc.popen)
+            if proc.admin_url:
+                self.wait_admin(proc)
         except BenchError as exc:
             tail = proc.log_tail()
             self.children.stop(proc)
             raise BenchError(f"{exc}; proxy output:\n{tail}") from exc
         return proc, ports
+
+    def wait_admin(self, proc: Proc) -> None:
+        """Every scraped endpoint must answer 200 to the token before measuring; otherwise its answer is the error.
+
+        No answer is retried (the listener may not be up yet); an HTTP error is final.
+        """
+        assert proc.admin_url is not None
+        for endpoint in SCRAPE_ENDPOINTS:
+            deadline = time.monotonic() + 20
+            last = "no answer"
+            while True:
+                if proc.popen.poll() is not None:
+                    raise BenchError(f"medlb exited with {proc.popen.returncode} while waiting for admin {endpoint}")
+                try:
+                    status, body = admin_get(proc.admin_url, self.admin_token, endpoint, timeout=5)
+                except Exception as exc:
+                    last = f"{type(exc).__name__}: {exc}"
+                else:
+                    if status == 200:
+                        break
+                    text = body[:500].decode(errors="replace")
+                    raise BenchError(f"admin GET {proc.admin_url}{endpoint} answered HTTP {status}: {text}")
+                if time.monotonic() > deadline:
+                    raise BenchError(f"admin GET {proc.admin_url}{endpoint}: no answer within 20 s ({last})")
+                time.sleep(0.1)
+
+    def scraper(self, proxy: Proc | None, test: str) -> Scraper | None:
+        """A scraper for ``proxy`` during ``test`` when the proxy has the admin API on, else None."""
+        if proxy is None or proxy.admin_url is None:
+            return None
+        return Scraper(proxy.admin_url, self.admin_token, test, self.scrapes)
 
     # -- measurements
 
@@ -655,9 +854,20 @@ http {{
             errors.append(f"non-2xx {nm.group(1)}")
         return float(m.group(1)), " ".join(errors) or "0"
 
-    def idle_memory(self, proxy: Proc, port: int, holder: Proc, count_file: Path) -> tuple[float, str]:
-        """KB of proxy RSS per idle session: (RSS with N idle sessions - RSS before) / N."""
+    def idle_memory(
+        self, proxy: Proc, port: int, holder: Proc, count_file: Path, scraper: Scraper | None = None
+    ) -> tuple[float, str]:
+        """KB of proxy RSS per idle session: (RSS with N idle sessions - RSS before) / N.
+
+        With a ``scraper`` (already running), the sessions stay open after the
+        RSS reading until ``held_scrape_rounds`` whole scrape rounds were made
+        with all N open, so the scrape latencies with many sessions rest on more
+        than two samples; those rounds are marked ``held``. The RSS number
+        itself is read at the same moment as for the other paths.
+        """
         n = self.s.idle_n
+        extra = ""
+        held_since = float("inf")  # no round counts as held until all N sessions are open
         time.sleep(1.0)  # let start-up garbage settle before the baseline
         before = rss_kb(proxy.pgid)
         client = self.children.start(
@@ -683,16 +893,28 @@ http {{
                 time.sleep(0.1)
             else:
                 raise BenchError(f"only {held}/{n} sessions reached the holding server; proxy:\n{proxy.log_tail()}")
+            held_since = time.monotonic()
             time.sleep(2.0)  # sessions fully set up (timers armed, buffers settled)
             after = rss_kb(proxy.pgid)
+            if scraper is not None:
+                want = self.s.held_scrape_rounds
+                deadline = time.monotonic() + 30 + 5 * want
+                while len(scraper.rounds_within(held_since)) < want and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                extra = (
+                    f"; RSS {rss_kb(proxy.pgid) / 1024:.1f} MB after {len(scraper.rounds_within(held_since))} "
+                    f"scrape rounds with the {n} sessions open"
+                )
             client.popen.stdin.write(b"check\n")
             client.popen.stdin.flush()
             alive = int(read_line(client.popen.stdout, 30, client.popen).split()[1])
             if alive < n:
                 raise BenchError(f"{n - alive} of {n} idle sessions were closed by the proxy")
         finally:
+            if scraper is not None:
+                scraper.mark(scraper.rounds_within(held_since, time.monotonic()), "held")
             self.children.stop(client)
-        detail = f"RSS {before / 1024:.1f} MB -> {after / 1024:.1f} MB with {n} sessions ({alive} alive)"
+        detail = f"RSS {before / 1024:.1f} MB -> {after / 1024:.1f} MB with {n} sessions ({alive} alive){extra}"
         return (after - before) / n, detail
 
     # -- orchestration
@@ -744,10 +966,12 @@ http {{
                         if (path, key) in failed:
                             continue
                         proxy, port = routes_of[route]
+                        scraper = self.scraper(proxy, key)
                         cpu0 = cpu_seconds(proxy.pgid) if proxy else 0.0
                         t0 = time.monotonic()
                         try:
-                            value = measure(port)
+                            with scraper or contextlib.nullcontext():
+                                value = measure(port)
                         except BenchError as exc:
                             failed.add((path, key))
                             self._fail(path, (key,), exc, results)
@@ -769,6 +993,9 @@ http {{
                 detail = "runs: " + ", ".join(fmt(v, key) for v in values)
                 if (path, key) in summaries:
                     detail += " — wrk socket errors: " + ", ".join(summaries[(path, key)])
+                scrapes = [x for x in self.scrapes if x.test == key]
+                if path == "medlb-observed" and scrapes:
+                    detail += f" — {count_summary(scrapes)}; latency median/max: {latency_summary(scrapes)}"
                 self.details[(path, key)] = detail
                 if (path, key) in cpus:
                     self.cpu[(path, key)] = statistics.median(cpus[(path, key)])
@@ -787,7 +1014,16 @@ http {{
             holder, holder_port, count_file = self.start_holder()
             proxy, ports = self.start_proxy(path, [Route("idle", holder_port, probe_holder)])
             assert proxy is not None
-            kb, detail = self.idle_memory(proxy, ports["idle"], holder, count_file)
+            scraper = self.scraper(proxy, "idle_kb")
+            with scraper or contextlib.nullcontext():
+                kb, detail = self.idle_memory(proxy, ports["idle"], holder, count_file, scraper)
+            if scraper is not None:
+                scrapes = [x for x in self.scrapes if x.test == "idle_kb"]
+                held = [x for x in scrapes if x.phase == "held"]
+                detail += (
+                    f" — {count_summary(scrapes)}; latency median/max with the {self.s.idle_n} sessions open: "
+                    f"{latency_summary(held)}"
+                )
             results[(path, "idle_kb")] = kb
             self.details[(path, "idle_kb")] = detail
             print(f"  {PATH_TITLES[path]:15} {METRICS['idle_kb']:45} {fmt(kb, 'idle_kb')}", flush=True)
@@ -867,9 +1103,30 @@ def targets(results: dict[tuple[str, str], float | None]) -> list[tuple[str, str
     return out
 
 
-def render(bench: Bench, results: dict[tuple[str, str], float | None], meta: dict[str, str]) -> str:
-    """The markdown report: header, main table, targets, details and notes."""
+def scrape_note(bench: Bench) -> str:
+    """The line under the table: how often medlb (observed) was scraped, how often that failed, how fast it was."""
+    traffic = [x for x in bench.scrapes if x.test != "idle_kb"]
+    held = [x for x in bench.scrapes if x.test == "idle_kb" and x.phase == "held"]
+    failed = sum(1 for x in bench.scrapes if x.error)
+    rounds = sum(1 for x in bench.scrapes if x.endpoint == SCRAPE_ENDPOINTS[0])
+    return (
+        f"- medlb (observed) scrapes: {len(bench.scrapes)} requests in {rounds} rounds "
+        f"({', '.join(f'`{e}`' for e in SCRAPE_ENDPOINTS)} every {SCRAPE_INTERVAL:g} s during each of its tests), "
+        f"{failed} failed. Latency median/max during the traffic tests: {latency_summary(traffic)}; "
+        f"with {bench.s.idle_n} idle sessions open: {latency_summary(held, SCRAPE_ENDPOINTS[:2])}."
+    )
+
+
+def render(
+    bench: Bench, results: dict[tuple[str, str], float | None], meta: dict[str, str], paths: list[str] | None = None
+) -> str:
+    """The markdown report: header, main table, targets, details and notes.
+
+    Only the paths that ran (``paths``, default all) get a column, and only ratios between two of them.
+    """
     s = bench.s
+    ran = [p for p in PATHS if paths is None or p in paths]
+    ratios = [(title, a, b) for title, a, b in RATIOS if a in ran and b in ran]
     lines = [
         f"# TCP benchmark: direct vs HAProxy vs medlb ({meta['date']})",
         "",
@@ -886,35 +1143,45 @@ def render(bench: Bench, results: dict[tuple[str, str], float | None], meta: dic
         f"- Bulk and rate cells are the median of {s.repeat} run(s), interleaved across paths (runs under Details); "
         "idle memory is one measurement on a freshly started proxy.",
         "- medlb (splice) is the default configuration; medlb (copy) sets `global: {splice: false}`. "
-        "Ratio columns use medlb (splice).",
+        "medlb (observed) is medlb (splice) plus the `admin:` API (token file), scraped by the bench "
+        f"(`/metrics`, `/api/v1/status`, `/api/v1/history`, one round every {SCRAPE_INTERVAL:g} s) while each of "
+        "its tests runs. Ratio columns medlb/direct and medlb/HAProxy use medlb (splice); observed/medlb is "
+        "medlb (observed) divided by medlb (splice).",
     ]
     if s.idle_n != s.idle_n_requested:
         lines.append(
             f"- N idle was capped from {s.idle_n_requested} to {s.idle_n}: the hard RLIMIT_NOFILE here is "
             f"{meta['nofile_hard']} (no CAP_SYS_RESOURCE to raise it) and a proxy needs 2 fds per session."
         )
-    header = ["Metric", *(PATH_TITLES[p] for p in PATHS), "medlb/direct", "medlb/HAProxy"]
+    header = ["Metric", *(PATH_TITLES[p] for p in ran), *(title for title, _, _ in ratios)]
     lines += ["", "| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
     for key, title in METRICS.items():
-        cells = [fmt(results[(p, key)], key) for p in PATHS]
-        cells.append(fmt_ratio(ratio(results[("medlb", key)], results[("direct", key)])))
-        cells.append(fmt_ratio(ratio(results[("medlb", key)], results[("haproxy", key)])))
+        cells = [fmt(results[(p, key)], key) for p in ran]
+        cells += [fmt_ratio(ratio(results[(a, key)], results[(b, key)])) for _, a, b in ratios]
         lines.append(f"| {title} | " + " | ".join(cells) + " |")
+    if "medlb-observed" in ran:
+        lines += ["", scrape_note(bench)]
     lines += ["", "## Targets (medlb with splice, computed from the table)", ""]
     for label, shown, met in targets(results):
         verdict = "not measured" if met is None else ("met" if met else "NOT met")
         lines.append(f"- {label}: {shown} — **{verdict}**")
     lines += ["", "## Details", "", "| Path | Metric | Proxy CPU (cores) | Detail |", "|---|---|---:|---|"]
-    for p in PATHS:
+    for p in ran:
         for key in METRICS:
             cpu = bench.cpu.get((p, key))
             detail = bench.details.get((p, key), "")
             if cpu is None and not detail:
                 continue
             lines.append(f"| {PATH_TITLES[p]} | {METRICS[key]} | {'' if cpu is None else f'{cpu:.2f}'} | {detail} |")
-    if bench.notes:
+    notes = list(bench.notes)
+    errors: dict[str, int] = {}
+    for x in bench.scrapes:
+        if x.error:
+            errors[f"{x.endpoint} ({x.test}): {x.error}"] = errors.get(f"{x.endpoint} ({x.test}): {x.error}", 0) + 1
+    notes += [f"medlb (observed) scrape failed {n}x: {error}" for error, n in errors.items()]
+    if notes:
         lines += ["", "## Notes", ""]
-        for note in bench.notes:
+        for note in notes:
             lines.append("- " + note.replace("\n", "\n  "))
     return "\n".join(lines) + "\n"
 
@@ -959,6 +1226,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--duration", type=int, help="seconds per iperf3 and wrk test (default 10, smoke 1)")
     p.add_argument("--repeat", type=int, help="interleaved repetitions of bulk/rate tests, median shown (default 3)")
     p.add_argument("--idle", type=int, help="idle sessions (default 10000, smoke 500; capped by the fd limit)")
+    p.add_argument(
+        "--held-scrapes",
+        type=int,
+        help="medlb (observed): scrape rounds made with all idle sessions open (default 10, smoke 3)",
+    )
     p.add_argument("--paths", default=",".join(PATHS), help=f"comma-separated subset of {','.join(PATHS)}")
     p.add_argument("--nginx-workers", default="1", help="nginx worker_processes (default 1)")
     p.add_argument(
@@ -1014,6 +1286,7 @@ def main(argv: list[str] | None = None) -> int:
         haproxy_rate=parse_tuning(args.haproxy_rate),
         repeat=max(1, args.repeat if args.repeat is not None else (1 if args.smoke else 3)),
         smoke=args.smoke,
+        held_scrape_rounds=max(1, args.held_scrapes if args.held_scrapes is not None else (3 if args.smoke else 10)),
     )
     meta = collect_meta()
     out = args.out or REPO / "bench" / "results" / f"{meta['stamp']}-tcp.md"
@@ -1033,7 +1306,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"aborted: {exc}", file=sys.stderr)
     finally:
         bench.close()
-    report = render(bench, results, meta)
+    report = render(bench, results, meta, paths)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(report)
     print()

@@ -227,3 +227,33 @@ def test_reload_with_a_bad_file_changes_nothing(tmp_path: Path) -> None:
             assert lb.proc.poll() is None
     finally:
         s1.stop()
+
+
+def test_reload_applies_a_new_maxconn_to_a_running_frontend(tmp_path: Path) -> None:
+    s1 = Backend("s1")
+    port = free_port()
+    config = _config(port, [s1])
+    try:
+        with running_medlb(config, tmp_path) as lb:
+            lb.wait_for_log("pool/s1 op_state DOWN -> UP")
+            limited = _config(port, [s1])
+            limited["frontends"][0]["maxconn"] = 1
+            _rewrite(lb, limited)
+            lb.signal(signal.SIGHUP)
+            lb.wait_for_log("configuration reloaded by SIGHUP")
+            first, _ = _open(port)
+            second = socket.create_connection(("127.0.0.1", port), timeout=0.5)
+            try:
+                # The kernel completes the handshake, but medlb does not accept beyond maxconn.
+                try:
+                    data = second.recv(64)
+                except TimeoutError:
+                    data = b""
+                assert data == b""
+                first.close()
+                second.settimeout(5)
+                assert second.recv(64) == b"s1\n"  # accepted once the first session ended
+            finally:
+                second.close()
+    finally:
+        s1.stop()

@@ -265,6 +265,8 @@ class Supervisor:
         return result
 
     def _reload(self, source: str) -> ReloadResult:
+        if self._stop.is_set():
+            return ReloadResult(False, "medlb is stopping; reload refused")
         if not self.config_path:
             return ReloadResult(False, "medlb was started without a config file; nothing to reload")
         try:
@@ -288,7 +290,11 @@ class Supervisor:
                 for _, _, sock in opened:
                     sock.close()
                 return ReloadResult(False, str(exc))
-        summary = self._apply(new, keep, opened)
+        try:
+            summary = self._apply(new, keep, opened)
+        except Exception as exc:  # a bug, not a config problem: keep serving, say so loudly
+            log.exception("reload failed while applying the new configuration")
+            return ReloadResult(False, f"internal error while applying the configuration: {exc!r}")
         return ReloadResult(True, summary)
 
     def _apply(
@@ -449,6 +455,8 @@ class Supervisor:
         """SIGHUP: reload in a task (the signal handler itself must not block)."""
         if self._group is not None:
             self._group.create_task(self.reload("SIGHUP"), name="reload")
+        else:
+            log.warning("SIGHUP ignored: medlb is still starting or already stopping")
 
     async def run(self, install_signals: bool = True) -> int:
         loop = asyncio.get_running_loop()

@@ -484,7 +484,7 @@ def test_admin_api_over_tls_refuses_old_protocols(tmp_path: Path) -> None:
             weak.verify_mode = ssl.CERT_NONE
             weak.maximum_version = ssl.TLSVersion.TLSv1_2
             weak.set_ciphers("AES256-SHA256")
-            with pytest.raises(OSError, match="HANDSHAKE_FAILURE|handshake failure|UNEXPECTED_EOF"):
+            with pytest.raises(OSError, match=r"HANDSHAKE_FAILURE|handshake failure|UNEXPECTED_EOF"):
                 urllib.request.urlopen(url + "/api/v1/status", timeout=5, context=weak)
             # TLS 1.1, offered by a client that allows it (security level 0), is refused too.
             with warnings.catch_warnings():
@@ -495,7 +495,7 @@ def test_admin_api_over_tls_refuses_old_protocols(tmp_path: Path) -> None:
                 old.set_ciphers("DEFAULT:@SECLEVEL=0")
                 old.minimum_version = ssl.TLSVersion.TLSv1
                 old.maximum_version = ssl.TLSVersion.TLSv1_1
-            with pytest.raises(OSError, match="VERSION|version|UNEXPECTED_EOF"):
+            with pytest.raises(OSError, match=r"VERSION|version|UNEXPECTED_EOF"):
                 urllib.request.urlopen(url + "/api/v1/status", timeout=5, context=old)
             # Plain HTTP on the TLS port gets no answer at all.
             with pytest.raises(OSError):
