@@ -257,3 +257,38 @@ def test_reload_applies_a_new_maxconn_to_a_running_frontend(tmp_path: Path) -> N
                 second.close()
     finally:
         s1.stop()
+
+
+def test_reload_with_an_unreadable_secret_changes_nothing(tmp_path: Path) -> None:
+    s1 = Backend("s1")
+    port = free_port()
+    config = _config(port, [s1])
+    url = with_admin(config, tmp_path)
+    try:
+        with running_medlb(config, tmp_path) as lb:
+            lb.wait_for_log("pool/s1 op_state DOWN -> UP")
+            new = _config(port, [s1])
+            new["admin"] = config["admin"]
+            new["backends"][0]["servers"][0]["weight"] = 9
+            new["alerts"] = {
+                "email": {
+                    "host": "127.0.0.1",
+                    "from": "lb@example.org",
+                    "to": ["pacs-admins@example.org"],
+                    "username": "medlb",
+                    "password_file": str(tmp_path / "missing-password"),
+                }
+            }
+            _rewrite(lb, new)
+            code, doc = api(f"{url}/api/v1/reload", "POST")
+            assert code == 422 and "missing-password" in doc["message"]
+            _, status = api(f"{url}/api/v1/status")
+            assert server_of(status, "pool/s1")["weight"] == 1
+            # A new token file that is too short is refused the same way; the old token keeps working.
+            (tmp_path / "admin.token").write_text("short\n")
+            _rewrite(lb, config)
+            code, doc = api(f"{url}/api/v1/reload", "POST")
+            assert code == 422 and "at least 16 characters" in doc["message"]
+            assert api(f"{url}/api/v1/status")[0] == 200
+    finally:
+        s1.stop()

@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol, TypeVar
 
 from medlb.admin.alerts import AlertManager
-from medlb.admin.api import AdminError, AdminServer, ReloadResult
+from medlb.admin.api import AdminError, AdminServer, ReloadResult, load_token
 from medlb.admin.metrics import MetricsExporter
 from medlb.balance import make_balancer
 from medlb.checks.scheduler import ServerChecker, numeric_sockaddr
@@ -283,13 +283,19 @@ class Supervisor:
             opened = self._open_listeners(new, keep)
         except StartupError as exc:
             return ReloadResult(False, str(exc))
-        if new.admin is not None and self.admin is not None:
-            try:
+        # Secrets next: a token or SMTP password that cannot be read refuses the reload.
+        # Each reconfigure below changes nothing when it raises, and the token is read
+        # once before anything changes, so a failure leaves everything as it was.
+        try:
+            if new.admin is not None and self.admin is not None:
+                load_token(new.admin)
+            self.alerts.reconfigure(new.alerts)
+            if new.admin is not None and self.admin is not None:
                 self.admin.reconfigure(new.admin)
-            except StartupError as exc:
-                for _, _, sock in opened:
-                    sock.close()
-                return ReloadResult(False, str(exc))
+        except StartupError as exc:
+            for _, _, sock in opened:
+                sock.close()
+            return ReloadResult(False, str(exc))
         try:
             summary = self._apply(new, keep, opened)
         except Exception as exc:  # a bug, not a config problem: keep serving, say so loudly
@@ -387,7 +393,6 @@ class Supervisor:
                 runtime.retired_frontends.append(frontend)
             log.info("frontend %s removed; %d session(s) finish on their own", name, frontend.cur_sessions)
 
-        self.alerts.reconfigure(new.alerts)
         if new.global_.log_level != old.global_.log_level:
             logging.getLogger().setLevel(getattr(logging, new.global_.log_level.upper()))
         for key in ("loop", "nofile"):
