@@ -158,6 +158,21 @@ def test_reload_reports_errors_with_exit_7(ctl: Ctl) -> None:
     assert "backends[0].servers[0].weight" in result.stderr
 
 
+def test_ctl_never_sends_the_token_through_an_http_proxy(ctl: Ctl) -> None:
+    dead_proxy = f"http://127.0.0.1:{free_port()}"
+    result = ctl("status", env={"http_proxy": dead_proxy, "HTTP_PROXY": dead_proxy, "no_proxy": ""})
+    assert result.returncode == EXIT_OK, result.stderr
+
+
+def test_bad_values_exit_2_before_changing_anything(ctl: Ctl) -> None:
+    result = ctl("weight", "pool/s1", "999")
+    assert result.returncode == EXIT_USAGE and "weight must be an integer 0..256" in result.stderr
+    result = ctl("drain", "pool/s1", "--wait", "--timeout", "5x")
+    assert result.returncode == EXIT_USAGE and "--timeout" in result.stderr
+    assert ctl.server("pool/s1")["admin_state"] == "ready"
+    assert ctl("add", "pool/s9", "127.0.0.1:99999").returncode == EXIT_USAGE
+
+
 def test_exit_codes_for_not_found_auth_unreachable_and_usage(ctl: Ctl) -> None:
     assert ctl("drain", "pool/nope").returncode == EXIT_NOT_FOUND
     assert ctl("drain", "nope/s1").returncode == EXIT_NOT_FOUND

@@ -292,3 +292,75 @@ def test_reload_with_an_unreadable_secret_changes_nothing(tmp_path: Path) -> Non
             assert api(f"{url}/api/v1/status")[0] == 200
     finally:
         s1.stop()
+
+
+def test_sighup_with_a_non_utf8_file_is_refused_not_fatal(tmp_path: Path) -> None:
+    s1 = Backend("s1")
+    port = free_port()
+    config = _config(port, [s1])
+    try:
+        with running_medlb(config, tmp_path) as lb:
+            lb.wait_for_log("pool/s1 op_state DOWN -> UP")
+            lb.config_path.write_bytes(yaml.safe_dump(config).encode() + "# Z\xfcrich\n".encode("latin-1"))
+            lb.signal(signal.SIGHUP)
+            lb.wait_for_log("refused, still running the previous one")
+            lb.wait_for_log("the file is not UTF-8 text")
+            assert greet(port) == "s1"
+            assert lb.proc.poll() is None
+    finally:
+        s1.stop()
+
+
+def test_renaming_a_frontend_moves_its_socket(tmp_path: Path) -> None:
+    s1 = Backend("s1")
+    port = free_port()
+    config = _config(port, [s1])
+    url = with_admin(config, tmp_path)
+    try:
+        with running_medlb(config, tmp_path) as lb:
+            lb.wait_for_log("pool/s1 op_state DOWN -> UP")
+            held, _ = _open(port)
+            renamed = yaml.safe_load(yaml.safe_dump(config))
+            renamed["frontends"][0]["name"] = "dicom"
+            _rewrite(lb, renamed)
+            code, doc = api(f"{url}/api/v1/reload", "POST")
+            assert code == 200, doc
+            lb.wait_for_log(f"frontend dicom: took over listener 127.0.0.1:{port}")
+            assert greet(port) == "s1"
+            _, status = api(f"{url}/api/v1/status")
+            assert [f["name"] for f in status["frontends"]] == ["dicom"]
+            held.sendall(b"old frontend, still here")
+            assert held.recv(64) == b"old frontend, still here"
+            held.close()
+    finally:
+        s1.stop()
+
+
+def test_an_operator_removal_does_not_outlive_its_backend(tmp_path: Path) -> None:
+    s1, s2 = Backend("s1"), Backend("s2")
+    port = free_port()
+    config = _config(port, [s1, s2])
+    url = with_admin(config, tmp_path)
+    try:
+        with running_medlb(config, tmp_path) as lb:
+            lb.wait_for_log("pool/s2 op_state DOWN -> UP")
+            api(f"{url}/api/v1/backends/pool/servers/s2", "PATCH", {"admin_state": "maint"})
+            assert api(f"{url}/api/v1/backends/pool/servers/s2", "DELETE")[0] == 200
+            assert api(f"{url}/api/v1/reload", "POST")[0] == 200  # unchanged file: s2 stays removed
+            _, status = api(f"{url}/api/v1/status")
+            assert [s["name"] for s in status["backends"][0]["servers"]] == ["s1"]
+            # The backend goes away, then comes back from the file: s2 is back for good.
+            without = yaml.safe_load(yaml.safe_dump(config))
+            without["backends"].append(dict(without["backends"][0], name="tmp"))
+            without["frontends"][0]["default_backend"] = "tmp"
+            del without["backends"][0]
+            _rewrite(lb, without)
+            assert api(f"{url}/api/v1/reload", "POST")[0] == 200
+            _rewrite(lb, config)
+            assert api(f"{url}/api/v1/reload", "POST")[0] == 200
+            assert api(f"{url}/api/v1/reload", "POST")[0] == 200
+            _, status = api(f"{url}/api/v1/status")
+            assert [s["name"] for s in status["backends"][0]["servers"]] == ["s1", "s2"]
+    finally:
+        s1.stop()
+        s2.stop()

@@ -458,6 +458,8 @@ def load_config(path: str | Path) -> Config:
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError([ConfigIssue(f"byte {exc.start}", "the file is not UTF-8 text")], str(path)) from None
     except OSError as exc:
         raise ConfigError([ConfigIssue("", f"cannot read file: {exc.strerror}")], str(path)) from None
     try:

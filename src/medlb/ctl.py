@@ -10,10 +10,10 @@ Exit codes a script can rely on (also in docs/operations.md):
 
 ====  =====================================================================
 0     done
-1     the API could not be reached, or answered with a server error
-2     usage error (bad arguments, unreadable config)
+1     the API could not be reached, or answered with a server error (500)
+2     usage error (bad arguments, unreadable config, a value the API refused with 400)
 3     not found (no such backend or server)
-4     refused (409: e.g. removing a server that is not in maint and drained)
+4     refused (409: e.g. removing a server that is not in maint and drained, a reload while stopping)
 5     timed out waiting (``--wait`` / ``wait``: sessions remain)
 6     authentication failed (bad or missing token)
 7     the new configuration is invalid; the old one keeps running
@@ -47,6 +47,8 @@ EXIT_INVALID_CONFIG = 7
 
 DEFAULT_CONFIG = "/etc/medlb/medlb.yaml"
 _STATUS_EXIT = {
+    400: EXIT_USAGE,
+    413: EXIT_USAGE,
     401: EXIT_AUTH,
     403: EXIT_AUTH,
     404: EXIT_NOT_FOUND,
@@ -71,6 +73,12 @@ class Client:
         self.token = token
         self.context = context
         self.timeout = timeout
+        # No proxy, ever: http_proxy is often set on hospital servers for package
+        # installs, and urllib would hand the admin token to that proxy in clear.
+        handlers: list[urllib.request.BaseHandler] = [urllib.request.ProxyHandler({})]
+        if context is not None:
+            handlers.append(urllib.request.HTTPSHandler(context=context))
+        self._opener = urllib.request.build_opener(*handlers)
 
     def call(self, method: str, path: str, body: dict[str, Any] | None = None, *, timeout: float | None = None) -> Any:
         data = json.dumps(body).encode() if body is not None else None
@@ -80,7 +88,7 @@ class Client:
         if data is not None:
             request.add_header("Content-Type", "application/json")
         try:
-            with urllib.request.urlopen(request, timeout=timeout or self.timeout, context=self.context) as response:
+            with self._opener.open(request, timeout=timeout or self.timeout) as response:
                 raw = response.read()
         except urllib.error.HTTPError as exc:
             payload = _decode(exc.read())
@@ -214,6 +222,8 @@ def status_table(status: dict[str, Any]) -> str:
 
 
 def _set_state(client: Client, args: argparse.Namespace, state: str, out: TextIO) -> int:
+    if getattr(args, "wait", False):
+        _duration(args.timeout)  # a typo in --timeout must not leave a half-done change
     body: dict[str, Any] = {"admin_state": state}
     if args.reason:
         body["reason"] = args.reason
@@ -227,11 +237,15 @@ def _set_state(client: Client, args: argparse.Namespace, state: str, out: TextIO
     return EXIT_OK
 
 
-def _wait(client: Client, server: str, timeout: str, out: TextIO) -> int:
+def _duration(text: str) -> float:
     try:
-        seconds = parse_duration(timeout)
+        return parse_duration(text)
     except ValueError as exc:
         raise CtlError(EXIT_USAGE, f"--timeout: {exc}") from None
+
+
+def _wait(client: Client, server: str, timeout: str, out: TextIO) -> int:
+    seconds = _duration(timeout)
     query = urllib.parse.urlencode({"until": "drained", "timeout": timeout})
     doc = client.call("GET", f"{_server_path(server)}/wait?{query}", timeout=seconds + 10.0)
     print(f"{server}: drained ({doc['cur_sessions']} session(s))", file=out)

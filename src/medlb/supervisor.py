@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import random
 import resource
@@ -165,7 +166,6 @@ class Supervisor:
             maxconn=f_cfg.maxconn,
             timeouts=resolve_timeouts(config, config.backend(f_cfg.default_backend), f_cfg),
             observer=self.runtime,
-            proxy_protocol=backend.policy.proxy_protocol,
             splice=config.global_.splice,
             log_sessions=self.log_sessions,
         )
@@ -177,18 +177,21 @@ class Supervisor:
             self._add_listener(self.runtime.frontends[frontend_name], bind, sock)
 
     def _open_listeners(
-        self, config: Config, keep: dict[tuple[str, HostPort], Listener]
+        self, config: Config, keep: dict[HostPort, Listener]
     ) -> list[tuple[str, HostPort, socket.socket]]:
-        """Open the sockets ``config`` needs that ``keep`` does not already have; all or none."""
+        """Open the sockets ``config`` needs that ``keep`` does not already have; all or none.
+
+        Kept listeners are matched by address alone, so renaming a frontend moves
+        its socket instead of trying to bind the same port twice.
+        """
         opened: list[tuple[str, HostPort, socket.socket]] = []
         try:
             for f_cfg in config.frontends:
                 for address in f_cfg.bind:
-                    if (f_cfg.name, address) not in keep or address.port == 0:
+                    if address not in keep or address.port == 0:
                         opened.append((f_cfg.name, address, open_listener(address, f_cfg.backlog)))
         except StartupError:
-            for _, _, sock in opened:
-                sock.close()
+            _close_all(opened)
             raise
         return opened
 
@@ -213,6 +216,7 @@ class Supervisor:
         server.admin_source = source
         backend.reconfigure([*backend.servers, server], backend.balancer, backend.policy)
         self.runtime.added[(backend_name, spec.name)] = spec
+        self._removed.discard((backend_name, spec.name))
         self.runtime.start_checker(server, self._make_checker(self.config, b_cfg, spec, server))
         log.warning(
             "server %s added at %s by %s (starts DOWN until its first check passes)", server.key, spec.address, source
@@ -249,12 +253,19 @@ class Supervisor:
     async def reload(self, source: str) -> ReloadResult:
         """Re-read the config file and apply it without dropping a session.
 
-        Validation and every bind happen first; only then is the new config
-        applied, in one synchronous step (no await), so no connection ever sees
-        a half-applied state and a bad config changes nothing.
+        Validation, every bind and every secret come first; only then is the new
+        config applied, in one synchronous step (no await), so no connection ever
+        sees a half-applied state and a bad config changes nothing. Whatever goes
+        wrong, the answer is a refused reload, never a dead balancer: SIGHUP runs
+        this in the supervisor's TaskGroup, where an escaping exception would stop
+        every session.
         """
         async with self._reload_lock:
-            result = self._reload(source)
+            try:
+                result = self._reload(source)
+            except Exception as exc:
+                log.exception("reload failed unexpectedly")
+                result = ReloadResult(False, f"internal error during reload: {exc!r}", status=500)
         self.last_reload = {"at": round(time.time(), 3), "ok": result.ok, "message": result.message, "by": source}
         if result.ok:
             log.warning("configuration reloaded by %s: %s", source, result.message)
@@ -266,19 +277,19 @@ class Supervisor:
 
     def _reload(self, source: str) -> ReloadResult:
         if self._stop.is_set():
-            return ReloadResult(False, "medlb is stopping; reload refused")
+            return ReloadResult(False, "medlb is stopping; reload refused", status=409)
         if not self.config_path:
-            return ReloadResult(False, "medlb was started without a config file; nothing to reload")
+            return ReloadResult(False, "medlb was started without a config file; nothing to reload", status=409)
         try:
             new = load_config(self.config_path)
         except ConfigError as exc:
             return ReloadResult(False, f"{self.config_path} is invalid ({len(exc.issues)} error(s))", exc.issues)
         runtime = self.runtime
-        keep: dict[tuple[str, HostPort], Listener] = {}
-        for f_name, frontend in runtime.frontends.items():
+        keep: dict[HostPort, Listener] = {}
+        for frontend in runtime.frontends.values():
             for listener in frontend.listeners:
                 if listener.bind is not None:
-                    keep[(f_name, listener.bind)] = listener
+                    keep[listener.bind] = listener
         try:
             opened = self._open_listeners(new, keep)
         except StartupError as exc:
@@ -293,20 +304,20 @@ class Supervisor:
             if new.admin is not None and self.admin is not None:
                 self.admin.reconfigure(new.admin)
         except StartupError as exc:
-            for _, _, sock in opened:
-                sock.close()
+            _close_all(opened)
             return ReloadResult(False, str(exc))
         try:
             summary = self._apply(new, keep, opened)
         except Exception as exc:  # a bug, not a config problem: keep serving, say so loudly
             log.exception("reload failed while applying the new configuration")
-            return ReloadResult(False, f"internal error while applying the configuration: {exc!r}")
+            _close_all(opened)
+            return ReloadResult(False, f"internal error while applying the configuration: {exc!r}", status=500)
         return ReloadResult(True, summary)
 
     def _apply(
         self,
         new: Config,
-        keep: dict[tuple[str, HostPort], Listener],
+        keep: dict[HostPort, Listener],
         opened: list[tuple[str, HostPort, socket.socket]],
     ) -> str:
         old = self.config
@@ -315,12 +326,16 @@ class Supervisor:
         assert loop is not None
         now = loop.time()
         counts = {"added": 0, "removed": 0, "kept": 0}
+        #: Weight and admin-state changes wait until every backend has its new server
+        #: list: applied earlier, they would serve queues against the old lists.
+        deferred: list[Callable[[], object]] = []
 
         # Backends first: frontends point at them.
         for b_cfg in new.backends:
             backend = runtime.backends.get(b_cfg.name)
             old_b = _find(old.backends, b_cfg.name)
             if backend is None or old_b is None:
+                self._forget_removed(b_cfg.name)
                 fresh = [self._make_server(new, b_cfg, s_cfg, now) for s_cfg in b_cfg.servers]
                 backend = Backend(b_cfg.name, fresh, make_balancer(b_cfg.balance), self._policy(new, b_cfg), loop.time)
                 runtime.backends[b_cfg.name] = backend
@@ -338,7 +353,7 @@ class Supervisor:
                         continue  # removed by an operator, and the file did not change it
                     self._removed.discard((b_cfg.name, s_cfg.name))
                 if server is not None and server.address == s_cfg.address:
-                    self._update_server(new, b_cfg, s_cfg, old, old_b, old_s, server, now)
+                    deferred += self._update_server(new, b_cfg, s_cfg, old_s, server, now)
                     counts["kept"] += 1
                 else:
                     server = self._make_server(new, b_cfg, s_cfg, now)
@@ -346,11 +361,13 @@ class Supervisor:
                     counts["added"] += 1
                 runtime.added.pop((b_cfg.name, s_cfg.name), None)
                 servers.append(server)
-            # Servers added through the API survive a reload that does not mention them.
-            for b_name, s_name in runtime.added:
+            # Servers added through the API survive a reload that does not mention them,
+            # and follow the backend's new check and slowstart settings.
+            for (b_name, s_name), spec in runtime.added.items():
                 if b_name == b_cfg.name:
                     extra = backend.server(s_name)
                     if extra is not None:
+                        deferred += self._update_server(new, b_cfg, spec, spec, extra, now)
                         servers.append(extra)
             balancer = backend.balancer if old_b.balance == b_cfg.balance else make_balancer(b_cfg.balance)
             for server in backend.reconfigure(servers, balancer, self._policy(new, b_cfg)):
@@ -363,9 +380,21 @@ class Supervisor:
                 self._retire_server(server)
                 counts["removed"] += 1
             runtime.added = {k: v for k, v in runtime.added.items() if k[0] != name}
+            self._forget_removed(name)
 
-        # Frontends: keep listeners whose address did not change.
-        wanted = {(f.name, b) for f in new.frontends for b in f.bind}
+        # Frontends: a listener whose address is still wanted keeps its socket, even
+        # when the frontend around it was renamed; the rest close after the switch.
+        wanted = {b: f.name for f in new.frontends for b in f.bind if b.port != 0}
+        moving: dict[HostPort, Listener] = {}
+        for current in list(runtime.frontends.values()):
+            for listener in list(current.listeners):
+                if listener.bind is not None and listener.bind in wanted:
+                    if wanted[listener.bind] != current.name:
+                        current.detach_listener(listener)
+                        moving[listener.bind] = listener
+                else:
+                    log.info("frontend %s: closing listener %s", current.name, listener.bind)
+                    current.remove_listener(listener)
         for f_cfg in new.frontends:
             frontend = runtime.frontends.get(f_cfg.name)
             backend = runtime.backends[f_cfg.default_backend]
@@ -377,22 +406,23 @@ class Supervisor:
                     backend,
                     maxconn=f_cfg.maxconn,
                     timeouts=resolve_timeouts(new, new.backend(f_cfg.default_backend), f_cfg),
-                    proxy_protocol=backend.policy.proxy_protocol,
                     splice=new.global_.splice,
                 )
-                for listener in list(frontend.listeners):
-                    if listener.bind is None or (f_cfg.name, listener.bind) not in wanted or listener.bind.port == 0:
-                        log.info("frontend %s: closing listener %s", f_cfg.name, listener.bind)
-                        frontend.remove_listener(listener)
+            for bind in f_cfg.bind:
+                if bind in moving:
+                    frontend.adopt_listener(moving.pop(bind))
+                    log.info("frontend %s: took over listener %s", f_cfg.name, bind)
         for frontend_name, bind, sock in opened:
             self._add_listener(runtime.frontends[frontend_name], bind, sock)
         for name in [n for n in runtime.frontends if all(f.name != n for f in new.frontends)]:
             frontend = runtime.frontends.pop(name)
             frontend.close_listeners()
-            if frontend.sessions:
-                runtime.retired_frontends.append(frontend)
+            runtime.retired_frontends.append(frontend)
             log.info("frontend %s removed; %d session(s) finish on their own", name, frontend.cur_sessions)
 
+        for change in deferred:
+            change()
+        runtime.prune()
         if new.global_.log_level != old.global_.log_level:
             logging.getLogger().setLevel(getattr(logging, new.global_.log_level.upper()))
         for key in ("loop", "nofile"):
@@ -408,27 +438,33 @@ class Supervisor:
             f"servers kept {counts['kept']}, added {counts['added']}, removed {counts['removed']}"
         )
 
+    def _forget_removed(self, backend_name: str) -> None:
+        """A backend that is gone or rebuilt starts from its file: forget operator removals in it."""
+        self._removed = {key for key in self._removed if key[0] != backend_name}
+
     def _update_server(
         self,
         new: Config,
         b_cfg: BackendConfig,
         s_cfg: ServerConfig,
-        old: Config,
-        old_b: BackendConfig,
         old_s: ServerConfig | None,
         server: Server,
         now: float,
-    ) -> None:
+    ) -> list[Callable[[], object]]:
         """A surviving server keeps health and counters; the file wins only where it changed.
 
         A runtime change (drain, weight) survives a reload of an unchanged
         config: the operator's drain must not be undone by a colleague's reload.
-        When the file's own value changed, the file is the newer intent.
+        When the file's own value changed, the file is the newer intent. The
+        weight and admin-state changes are returned for the caller to apply once
+        every backend has its new server list.
         """
+        deferred: list[Callable[[], object]] = []
         if old_s is None or old_s.weight != s_cfg.weight:
-            server.set_weight(s_cfg.weight, "config reload")
+            deferred.append(functools.partial(server.set_weight, s_cfg.weight, "config reload"))
         if old_s is None or old_s.admin_state != s_cfg.admin_state:
-            server.set_admin_state(AdminState(s_cfg.admin_state), now, "config reload")
+            state = AdminState(s_cfg.admin_state)
+            deferred.append(functools.partial(server.set_admin_state, state, now, "config reload"))
         server.maxconn = s_cfg.maxconn
         server.backup = s_cfg.backup
         server.slowstart = _slowstart(new, b_cfg, s_cfg)
@@ -444,6 +480,7 @@ class Supervisor:
             fresh.vport,
         ):
             self.runtime.start_checker(server, fresh)
+        return deferred
 
     def _retire_server(self, server: Server) -> None:
         self.runtime.stop_checker(server)
@@ -540,6 +577,11 @@ def _find(items: Sequence[_Named], name: str) -> _Named | None:
         if item.name == name:
             return item
     return None
+
+
+def _close_all(opened: list[tuple[str, HostPort, socket.socket]]) -> None:
+    for _, _, sock in opened:
+        sock.close()
 
 
 def _slowstart(config: Config, b_cfg: BackendConfig, s_cfg: ServerConfig) -> float:

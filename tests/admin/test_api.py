@@ -144,6 +144,20 @@ def test_dashboard_login_sets_an_httponly_cookie_and_changes_need_the_csrf_heade
     assert code == 401
 
 
+def test_client_text_cannot_forge_log_lines(lab: Lab) -> None:
+    forged = "/x%0a2026-01-01 00:00:00,000 WARNING medlb.state: server pool/s1 admin_state READY -> MAINT".replace(
+        " ", "%20"
+    )
+    code, _ = api(lab.url + forged, token=None)
+    assert code == 401
+    lab.lb.wait_for_log("refused: no token")
+    assert "\n2026-01-01" not in lab.lb.log
+    code, doc = api(lab.srv("s1"), "PATCH", {"admin_state": "drain", "reason": "ok\nWARNING forged"})
+    assert code == 400 and "no line breaks" in doc["error"]
+    code, doc = api(lab.url + "/api/v1/login", "POST", raw=b'{"token": "\\ud800"}', token=None)
+    assert code == 401 and doc["error"] == "invalid token"
+
+
 def test_security_headers_and_unknown_routes(lab: Lab) -> None:
     import urllib.request
 
@@ -290,6 +304,11 @@ def test_add_a_server_at_runtime_checks_it_before_traffic(lab: Lab) -> None:
         ({"name": "bad name!", "address": "127.0.0.1:1"}, "name: String should match pattern"),
         ({"name": "s4", "address": "127.0.0.1:1", "weight": -1}, "weight: Input should be greater than or equal to 0"),
         ({"name": "s4", "address": "127.0.0.1:1", "extra": 1}, "extra: Extra inputs are not permitted"),
+        (
+            {"name": "s4", "address": "127.0.0.1:1", "check": {"type": "external", "command": "/usr/bin/touch"}},
+            "check cannot be set through the API",
+        ),
+        ({"name": "s4", "address": "127.0.0.1:1", "agent": {"port": 3333}}, "agent cannot be set through the API"),
     ],
 )
 def test_adding_an_invalid_server_says_what_is_wrong(lab: Lab, body: dict[str, Any], message: str) -> None:

@@ -469,19 +469,31 @@ def test_backend_bytes_do_not_drop_when_a_server_leaves(run: Runner) -> None:
 
 
 def test_retired_servers_and_frontends_are_labelled_and_never_duplicated(run: Runner) -> None:
+    class Draining:
+        """Stands for a session still running on a retired frontend."""
+
+        server = None
+        relay = None
+
     async def main() -> None:
         async with world(["s1"]) as w:
             loop = asyncio.get_running_loop()
             old = _up("s1", 9, backend_name="pool")
             old.cur_sessions, old.bytes_in = 2, 700
             older = _up("s1", 10, backend_name="pool")  # same name again: must not duplicate
-            w.runtime.retired_servers.extend([old, older])
+            older.cur_sessions = 1
+            gone = _up("s2", 11, backend_name="pool")  # drained: pruned on scrape
+            w.runtime.retired_servers.extend([old, older, gone])
             old_fe = Frontend(loop, "fe", w.backend, maxconn=7, timeouts=TIMEOUTS, log_sessions=False)
-            w.runtime.retired_frontends.extend([old_fe, old_fe])
+            empty_fe = Frontend(loop, "fe-empty", w.backend, maxconn=5, timeouts=TIMEOUTS, log_sessions=False)
+            old_fe.sessions.add(Draining())  # type: ignore[arg-type]
+            w.runtime.retired_frontends.extend([old_fe, old_fe, empty_fe])
             try:
                 m = w.scrape()  # parse() fails on a duplicate series
             finally:
-                old_fe.abort_sessions("test_end")
+                old_fe.sessions.clear()
+                old_fe.stop_sweeper()
+                empty_fe.stop_sweeper()
             retired = {"backend": "pool", "server": "s1", "retired": "true"}
             assert value(m, "medlb_server_current_sessions", **retired) == 2
             assert value(m, "medlb_server_bytes_in_total", **retired) == 700
@@ -490,6 +502,11 @@ def test_retired_servers_and_frontends_are_labelled_and_never_duplicated(run: Ru
             assert value(m, "medlb_frontend_max_sessions", frontend="fe", retired="true") == 7
             assert value(m, "medlb_frontend_listeners", frontend="fe", retired="true") == 0
             assert value(m, "medlb_frontend_max_sessions", frontend="fe") == 100
+            with pytest.raises(KeyError):
+                value(m, "medlb_server_current_sessions", backend="pool", server="s2", retired="true")
+            with pytest.raises(KeyError):
+                value(m, "medlb_frontend_max_sessions", frontend="fe-empty", retired="true")
+            assert empty_fe not in w.runtime.retired_frontends and gone not in w.runtime.retired_servers
 
     run(main())
 

@@ -713,3 +713,41 @@ def test_no_socket_for_the_server_frees_the_slot(run: Runner, monkeypatch: pytes
             assert greeting == b"s1\n"
 
     run(main())
+
+
+def test_a_queued_session_keeps_its_backend_across_a_frontend_switch(run: Runner) -> None:
+    """A reload may point the frontend at another backend (here with PROXY v2); a session
+    already queued on the old backend is served there, and with that backend's settings."""
+
+    async def main() -> None:
+        echo = EchoServer("s1")
+        port = await echo.start()
+        server = up_server("s1", port, maxconn=1)
+        async with lab([server]) as env:
+            other = Backend(
+                "other",
+                [],
+                make_balancer("roundrobin"),
+                BackendPolicy(proxy_protocol="v2"),
+                asyncio.get_running_loop().time,
+            )
+            r1, w1 = await asyncio.open_connection("127.0.0.1", env.port)
+            assert await r1.readline() == b"s1\n"
+            r2, w2 = await asyncio.open_connection("127.0.0.1", env.port)
+            await asyncio.sleep(0.1)
+            assert len(env.backend.queue) == 1
+            env.frontend.reconfigure(other, maxconn=100, timeouts=TIMEOUTS, splice=True)
+            w1.write_eof()
+            assert await r1.read() == b"bye"
+            assert await asyncio.wait_for(r2.readline(), 2) == b"s1\n"
+            w2.write(b"plain")
+            await w2.drain()
+            # The echo shows exactly what the server received: no PROXY header in front.
+            assert await asyncio.wait_for(r2.readexactly(5), 2) == b"plain"
+            assert env.backend.cur_sessions == 1 and other.cur_sessions == 0
+            w1.close()
+            w2.close()
+            await asyncio.sleep(0.05)
+            assert env.backend.cur_sessions == 0 and other.cur_sessions == 0
+
+    run(main())

@@ -215,6 +215,8 @@ def _read_password(config: EmailAlert) -> str | None:
     if config.password_file:
         try:
             password = Path(config.password_file).read_text(encoding="utf-8").strip()
+        except UnicodeDecodeError:
+            raise StartupError(f"alerts.email.password_file: {config.password_file} is not UTF-8 text") from None
         except OSError as exc:
             raise StartupError(
                 f"alerts.email.password_file: cannot read {config.password_file}: {exc.strerror or exc}"

@@ -82,9 +82,14 @@ class AdminError(Exception):
 
 @dataclass
 class ReloadResult:
+    """What a reload did. ``status`` is the HTTP status of a refusal: 422 for a config
+    that cannot be applied (invalid, a port in use, an unreadable secret), 409 when
+    medlb cannot reload now, 500 for an internal error."""
+
     ok: bool
     message: str
     issues: list[ConfigIssue] = field(default_factory=list)
+    status: int = 422
 
     def doc(self) -> dict[str, Any]:
         out: dict[str, Any] = {"ok": self.ok, "message": self.message}
@@ -115,6 +120,10 @@ def load_token(config: AdminConfig) -> str:
     if config.token_file:
         try:
             token = Path(config.token_file).read_text(encoding="utf-8").strip()
+        except UnicodeDecodeError:
+            raise StartupError(
+                f"admin.token_file {config.token_file}: not UTF-8 text (use e.g. openssl rand -base64 32)"
+            ) from None
         except OSError as exc:
             raise StartupError(f"admin.token_file {config.token_file}: {exc.strerror}") from None
         where = f"admin.token_file {config.token_file}"
@@ -231,6 +240,7 @@ class AdminServer:
         """Feed the dashboard history (one sample per interval); runs in the TaskGroup."""
         while True:
             try:
+                self.control.runtime.prune()
                 self.history.sample(self.control.runtime)
             except Exception:
                 log.exception("history sample failed")
@@ -246,7 +256,7 @@ class AdminServer:
         scheme, _, value = header.partition(" ")
         if scheme.lower() != "bearer":
             return False
-        return hmac.compare_digest(value.strip().encode(), self.token.encode())
+        return _same_token(value.strip(), self.token)
 
     def _check_cookie(self, request: web.Request) -> bool:
         sid = request.cookies.get(COOKIE)
@@ -278,7 +288,13 @@ class AdminServer:
             else:
                 raise
         if request.method not in ("GET", "HEAD") and request.path != "/api/v1/login" and "auth" in request:
-            log.info("admin: %s %s by %s -> %d", request.method, request.path, self._who(request), response.status)
+            log.info(
+                "admin: %s %s by %s -> %d",
+                request.method,
+                _loggable(request.raw_path),
+                self._who(request),
+                response.status,
+            )
         for key, value in _SECURITY_HEADERS.items():
             response.headers.setdefault(key, value)
         if request.path.startswith("/api/"):
@@ -307,8 +323,8 @@ class AdminServer:
         else:
             log.warning(
                 "admin: %s %s from %s refused: %s",
-                request.method,
-                path,
+                _loggable(request.method),
+                _loggable(request.raw_path),
                 request.remote,
                 "invalid token" if bearer is False else "no token",
             )
@@ -329,7 +345,7 @@ class AdminServer:
     async def _login(self, request: web.Request) -> web.Response:
         body = await _body(request)
         token = body.get("token")
-        if not isinstance(token, str) or not hmac.compare_digest(token.encode(), self.token.encode()):
+        if not isinstance(token, str) or not _same_token(token, self.token):
             log.warning("admin: failed dashboard login from %s", request.remote)
             await asyncio.sleep(LOGIN_FAILURE_DELAY)
             return _error(401, "invalid token")
@@ -402,8 +418,10 @@ class AdminServer:
     # -- changing -----------------------------------------------------------------------------
 
     async def _patch_server(self, request: web.Request) -> web.Response:
-        server = self._server(request)
+        # Body first: the server is looked up after the last await, so a reload that
+        # replaces it while the body arrives cannot leave us changing a retired object.
         body = await _body(request)
+        server = self._server(request)
         unknown = set(body) - {"admin_state", "weight", "reason"}
         if unknown:
             raise AdminError(400, f"unknown field(s) {sorted(unknown)}; expected admin_state, weight, reason")
@@ -421,8 +439,8 @@ class AdminServer:
         if "weight" in body and (not isinstance(weight, int) or isinstance(weight, bool) or not 0 <= weight <= 256):
             raise AdminError(400, f"weight must be an integer 0..256; got {weight!r}")
         reason = body.get("reason", "")
-        if not isinstance(reason, str) or len(reason) > 200:
-            raise AdminError(400, "reason must be a string of at most 200 characters")
+        if not isinstance(reason, str) or len(reason) > 200 or not reason.isprintable():
+            raise AdminError(400, "reason must be printable text of at most 200 characters (no line breaks)")
         source = self._who(request)
         backend = self.control.runtime.backends[server.backend_name]
         if state is not None:
@@ -434,6 +452,15 @@ class AdminServer:
     async def _add_server(self, request: web.Request) -> web.Response:
         b_name = request.match_info["backend"]
         body = await _body(request)
+        overrides = sorted(body.keys() & {"check", "agent"})
+        if overrides:
+            # A check is code the balancer runs (``external`` runs a program, ``http``
+            # makes requests to any host): the API token must not grant that. An added
+            # server is checked like the rest of its backend; per-server checks belong
+            # in the config file, which only root can edit.
+            raise AdminError(
+                400, f"{', '.join(overrides)} cannot be set through the API; the server inherits its backend's"
+            )
         try:
             spec = ServerConfig.model_validate(body)
         except ValidationError as exc:
@@ -488,7 +515,18 @@ class AdminServer:
 
     async def _reload(self, request: web.Request) -> web.Response:
         result = await self.control.reload(self._who(request))
-        return _json(result.doc(), 200 if result.ok else 422)
+        return _json(result.doc(), 200 if result.ok else result.status)
+
+
+def _same_token(given: str, token: str) -> bool:
+    """Constant-time comparison that cannot raise on odd input (lone surrogates)."""
+    return hmac.compare_digest(given.encode("utf-8", "replace"), token.encode())
+
+
+def _loggable(text: str, limit: int = 200) -> str:
+    """Client-controlled text made safe for one log line: no line breaks, bounded."""
+    out = text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
+    return out if len(out) <= limit else out[:limit] + "..."
 
 
 async def _body(request: web.Request) -> dict[str, Any]:

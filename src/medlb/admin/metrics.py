@@ -185,6 +185,7 @@ class RuntimeCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         runtime = self._runtime_getter()
+        runtime.prune()  # drained servers and frontends leave the exposition
         fam = _families(FAMILIES)
         live = runtime.live_bytes()
         self._account_departures(live)

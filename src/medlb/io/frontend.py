@@ -55,7 +55,10 @@ def open_listener(address: HostPort, backlog: int) -> socket.socket:
     except socket.gaierror as exc:
         raise StartupError(f"cannot bind {address}: cannot resolve {address.host!r} ({exc.strerror})") from None
     family, _, _, _, sockaddr = infos[0]
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+    except OSError as exc:
+        raise StartupError(f"cannot bind {address}: cannot create a socket ({exc.strerror})") from None
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if family == socket.AF_INET6:
@@ -163,7 +166,6 @@ class Frontend:
         maxconn: int,
         timeouts: ResolvedTimeouts,
         observer: ConnectObserver | None = None,
-        proxy_protocol: str = "none",
         splice: bool = True,
         log_sessions: bool = True,
     ) -> None:
@@ -176,7 +178,6 @@ class Frontend:
         # of either side is idleness of the session (see docs/configuration.md).
         self.idle_timeout = min(timeouts.client, timeouts.server)
         self.observer: ConnectObserver = observer or NullObserver()
-        self.proxy_protocol = proxy_protocol
         self.splice = splice
         self.log_sessions = log_sessions
         self.listeners: list[Listener] = []
@@ -207,9 +208,7 @@ class Frontend:
             listener.resume()
         return listener
 
-    def reconfigure(
-        self, backend: Backend, *, maxconn: int, timeouts: ResolvedTimeouts, proxy_protocol: str, splice: bool
-    ) -> None:
+    def reconfigure(self, backend: Backend, *, maxconn: int, timeouts: ResolvedTimeouts, splice: bool) -> None:
         """Apply a reloaded configuration; listeners and running sessions are untouched.
 
         Sessions keep the backend they started on (``TcpSession.backend``); only
@@ -217,7 +216,6 @@ class Frontend:
         """
         self.backend = backend
         self.timeouts = timeouts
-        self.proxy_protocol = proxy_protocol
         self.splice = splice
         self.idle_timeout = min(timeouts.client, timeouts.server)
         self.sweep_interval = min(max(self.idle_timeout / 4, 0.05), 1.0)
@@ -237,6 +235,23 @@ class Frontend:
     def remove_listener(self, listener: Listener) -> None:
         listener.close()
         self.listeners.remove(listener)
+
+    def detach_listener(self, listener: Listener) -> None:
+        """Take a listener away without closing its socket (a reload moves it elsewhere)."""
+        listener.pause()
+        self.listeners.remove(listener)
+
+    def adopt_listener(self, listener: Listener) -> None:
+        """Serve a listener that another frontend detached; its socket never closed."""
+        listener.frontend = self
+        self.listeners.append(listener)
+        if not self.full and not self.stopping:
+            listener.resume()
+
+    def stop_sweeper(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
 
     def accepted(self, conn: socket.socket, addr: tuple[str, int]) -> None:
         session = TcpSession(self, conn, addr)
@@ -285,9 +300,7 @@ class Frontend:
 
     def abort_sessions(self, cause: str) -> int:
         """Close every session now (hard stop) and stop the sweeper. Returns how many were closed."""
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            self._sweeper = None
+        self.stop_sweeper()
         sessions = list(self.sessions)
         for session in sessions:
             session.abort(cause)

@@ -143,6 +143,16 @@ class Runtime:
         return len(victims)
 
     def prune(self) -> None:
-        """Forget retired frontends and servers whose last session has ended."""
-        self.retired_frontends = [f for f in self.retired_frontends if f.sessions]
+        """Forget retired frontends and servers whose last session has ended.
+
+        Called on every status read, metrics scrape, history sample and reload, so
+        the lists stay as short as the sessions still draining.
+        """
+        keep: list[Frontend] = []
+        for frontend in self.retired_frontends:
+            if frontend.sessions:
+                keep.append(frontend)
+            else:
+                frontend.stop_sweeper()  # nothing left to sweep; let it be collected
+        self.retired_frontends = keep
         self.retired_servers = [s for s in self.retired_servers if s.cur_sessions > 0]

@@ -68,6 +68,7 @@ class TcpSession:
         "relay",
         "server",
         "server_sock",
+        "timeouts",
         "timer",
     )
 
@@ -76,6 +77,7 @@ class TcpSession:
         #: Fixed at accept: a reload may point the frontend elsewhere, but this
         #: session's slot, queue place and counters belong to the backend it started on.
         self.backend: Backend = frontend.backend
+        self.timeouts = frontend.timeouts
         self.loop: asyncio.AbstractEventLoop = frontend.loop
         self.client = client
         self.client_addr = client_addr
@@ -110,7 +112,7 @@ class TcpSession:
         if backend.saturated():
             if backend.can_queue():
                 backend.queue.append(self)
-                self.queue_timer = self.loop.call_later(self.frontend.timeouts.queue, self._queue_timeout)
+                self.queue_timer = self.loop.call_later(self.timeouts.queue, self._queue_timeout)
                 return
             backend.queue_full += 1
             self.finish("queue_full")
@@ -177,7 +179,7 @@ class TcpSession:
             self._connected()
         elif err in _CONNECT_IN_PROGRESS:
             self.loop.add_writer(sock.fileno(), self._on_connect_ready)
-            self.timer = self.loop.call_later(self.frontend.timeouts.connect, self._on_connect_timeout)
+            self.timer = self.loop.call_later(self.timeouts.connect, self._on_connect_timeout)
         else:
             self._connect_failed(errno.errorcode.get(err, str(err)))
 
@@ -246,7 +248,7 @@ class TcpSession:
         self.connected_at = now
         self.connect_ms = (now - self.accepted_at) * 1000.0
         self.frontend.observer.report_connect_ok(server)
-        version = self.frontend.proxy_protocol
+        version = self.backend.policy.proxy_protocol
         if version != "none":
             try:
                 local = self.client.getsockname()
