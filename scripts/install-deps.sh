@@ -14,6 +14,7 @@ declare -A NEED=(
   [ps]=procps
   [ss]=iproute2
   [chromium]="chromium fonts-dejavu-core"
+  [curl]=curl
 )
 
 missing=()

@@ -114,6 +114,16 @@ def parse_host_port(value: object) -> HostPort:
     return HostPort(host, int(port_text))
 
 
+def _network(value: object) -> str:
+    """A CIDR (``10.0.0.0/8``) or a single address, normalised."""
+    if not isinstance(value, str):
+        raise ValueError("expected an address or a network such as 10.0.0.0/8")
+    try:
+        return str(ipaddress.ip_network(value.strip(), strict=False))
+    except ValueError:
+        raise ValueError(f"expected an address or a network such as 10.0.0.0/8, got {value!r}") from None
+
+
 def parse_bind(value: object) -> HostPort:
     """A bind address allows port 0 (pick a free port; used by tests and the demo)."""
     if isinstance(value, str) and value.rstrip().endswith(":0"):
@@ -229,17 +239,89 @@ class BackendConfig(_Strict):
     maxqueue: Annotated[int, Field(ge=0)] | None = None
     slowstart: Duration | None = None
     proxy_protocol: Literal["v1", "v2", "none"] | None = None
+    tls: BackendTls | None = None
     servers: Annotated[list[ServerConfig], Field(min_length=1)]
+
+
+class ForwardedHeaders(_Strict):
+    """Which client-address headers medlb adds towards servers (``mode: http``)."""
+
+    x_forwarded_for: bool = True
+    x_forwarded_proto: bool = True
+    x_forwarded_host: bool = True
+    forwarded: bool = False  # RFC 7239
+
+
+class HttpFrontendSettings(_Strict):
+    """``mode: http`` limits, timeouts and forwarding headers.
+
+    Defaults follow HAProxy (101 headers, 16 KB of headers) and imaging practice
+    (no body limit: a STOW-RS upload of a whole study is legitimate).
+    """
+
+    max_header_size: Annotated[int, Field(ge=1024, le=1 << 20)] = 16384
+    max_headers: Annotated[int, Field(ge=8, le=1000)] = 101
+    max_uri: Annotated[int, Field(ge=256, le=1 << 20)] = 8192
+    max_body: Annotated[int, Field(ge=0)] = 0
+    header_timeout: Duration = 10.0
+    keepalive_timeout: Duration = 60.0
+    retry_after: Duration = 5.0
+    forwarded_headers: ForwardedHeaders = ForwardedHeaders()
+    trusted_proxies: list[Annotated[str, BeforeValidator(_network)]] = []
+
+
+class TlsCertificate(_Strict):
+    """One certificate chain and key (PEM). ``names`` are the SNI names it serves;
+    empty means the names in the certificate itself (subjectAltName, else CN)."""
+
+    cert: str
+    key: str
+    names: list[Annotated[str, Field(pattern=r"^(\*\.)?[A-Za-z0-9_.-]{1,253}$")]] = []
+
+
+class FrontendTls(_Strict):
+    """TLS offload on a frontend's binds (``mode: http``).
+
+    Secure by default: TLS 1.2 and 1.3 only, forward-secret AEAD ciphers only
+    for TLS 1.2 (TLS 1.3 suites are all modern), ALPN ``http/1.1``. The first
+    certificate is the default; the others are chosen by SNI.
+    """
+
+    certificates: Annotated[list[TlsCertificate], Field(min_length=1)]
+    min_version: Literal["1.2", "1.3"] = "1.2"
+    ciphers: str = "ECDHE+AESGCM:ECDHE+CHACHA20"
+    alpn: list[str] = ["http/1.1"]
+    client_ca: str | None = None
+    client_verify: Literal["none", "optional", "required"] = "none"
+    client_subject_header: Annotated[str, Field(pattern=r"^[A-Za-z0-9-]{1,64}$")] = "X-Client-Cert-Subject"
+    handshake_timeout: Duration = 10.0
+    session_tickets: bool = True
+
+
+class BackendTls(_Strict):
+    """Re-encrypt to the servers of a backend (``mode: http``).
+
+    Server certificates are verified by default, against ``ca`` (or the
+    system's CAs), with SNI and the host name taken from ``sni`` or the server
+    address; ``pin_sha256`` additionally pins the certificate itself.
+    """
+
+    ca: str | None = None
+    verify: bool = True
+    sni: str | None = None
+    pin_sha256: list[Annotated[str, Field(pattern=r"^[0-9a-fA-F:]{64,95}$")]] = []
 
 
 class FrontendConfig(_Strict):
     name: Name
-    mode: Literal["tcp"] = "tcp"
+    mode: Literal["tcp", "http"] = "tcp"
     bind: Annotated[list[BindAddress], Field(min_length=1)]
     maxconn: Annotated[int, Field(ge=1)] = 10000
     backlog: Annotated[int, Field(ge=1)] = 1024
     default_backend: Name
     timeouts: FrontendTimeouts = FrontendTimeouts()
+    http: HttpFrontendSettings | None = None
+    tls: FrontendTls | None = None
 
 
 class GlobalConfig(_Strict):
@@ -388,6 +470,9 @@ def _semantic_issues(raw: Mapping[str, Any]) -> list[ConfigIssue]:
     for f_index, frontend in enumerate(frontends if isinstance(frontends, list) else []):
         if not isinstance(frontend, dict):
             continue
+        for key in ("http", "tls"):
+            if frontend.get(key) is not None and frontend.get("mode", "tcp") != "http":
+                issues.append(ConfigIssue(f"frontends[{f_index}].{key}", "only valid with mode: http (for now)"))
         target = frontend.get("default_backend")
         if isinstance(target, str) and target not in backend_names:
             issues.append(ConfigIssue(f"frontends[{f_index}].default_backend", f"backend {target!r} does not exist"))

@@ -87,7 +87,7 @@ def backend_doc(runtime: Runtime, backend: Backend, live: dict[Server, tuple[int
 def frontend_doc(frontend: Frontend, rate: float) -> dict[str, Any]:
     return {
         "name": frontend.name,
-        "mode": "tcp",
+        "mode": frontend.mode,
         "binds": [_fmt(listener.address) for listener in frontend.listeners if listener.sock.fileno() >= 0],
         "default_backend": frontend.backend.name,
         "cur_sessions": frontend.cur_sessions,

@@ -18,7 +18,9 @@ from typing import Protocol
 
 from medlb.config import HostPort, ResolvedTimeouts
 from medlb.errors import StartupError
+from medlb.io.http import HttpSession, HttpSettings, Pools
 from medlb.io.session import TcpSession
+from medlb.io.tls import ClientTls
 from medlb.model.backend import Backend
 from medlb.model.server import Server
 
@@ -168,8 +170,15 @@ class Frontend:
         observer: ConnectObserver | None = None,
         splice: bool = True,
         log_sessions: bool = True,
+        http: HttpSettings | None = None,
     ) -> None:
         self.loop = loop
+        #: ``mode: http`` settings; None for ``mode: tcp``.
+        self.http = http
+        #: Keep-alive connections to servers, shared by this frontend's HTTP sessions.
+        self.pools = Pools()
+        #: TLS towards servers, by backend name (shared with the runtime, updated on reload).
+        self.backend_tls: dict[str, ClientTls] = {}
         self.name = name
         self.backend = backend
         self.maxconn = maxconn
@@ -181,7 +190,7 @@ class Frontend:
         self.splice = splice
         self.log_sessions = log_sessions
         self.listeners: list[Listener] = []
-        self.sessions: set[TcpSession] = set()
+        self.sessions: set[TcpSession | HttpSession] = set()
         self.total_sessions = 0
         self.stopping = False
         self.idle_event = asyncio.Event()
@@ -192,6 +201,10 @@ class Frontend:
         self._sweeper: asyncio.TimerHandle | None = None
         if self.idle_timeout > 0:
             self._sweeper = loop.call_later(self.sweep_interval, self._sweep)
+
+    @property
+    def mode(self) -> str:
+        return "tcp" if self.http is None else "http"
 
     @property
     def cur_sessions(self) -> int:
@@ -208,13 +221,22 @@ class Frontend:
             listener.resume()
         return listener
 
-    def reconfigure(self, backend: Backend, *, maxconn: int, timeouts: ResolvedTimeouts, splice: bool) -> None:
+    def reconfigure(
+        self,
+        backend: Backend,
+        *,
+        maxconn: int,
+        timeouts: ResolvedTimeouts,
+        splice: bool,
+        http: HttpSettings | None = None,
+    ) -> None:
         """Apply a reloaded configuration; listeners and running sessions are untouched.
 
         Sessions keep the backend they started on (``TcpSession.backend``); only
         new sessions see the new backend, limits and timeouts.
         """
         self.backend = backend
+        self.http = http
         self.timeouts = timeouts
         self.splice = splice
         self.idle_timeout = min(timeouts.client, timeouts.server)
@@ -254,7 +276,9 @@ class Frontend:
             self._sweeper = None
 
     def accepted(self, conn: socket.socket, addr: tuple[str, int]) -> None:
-        session = TcpSession(self, conn, addr)
+        session: TcpSession | HttpSession = (
+            TcpSession(self, conn, addr) if self.http is None else HttpSession(self, conn, addr)
+        )
         self.sessions.add(session)
         self.total_sessions += 1
         self.backend.total_sessions += 1
@@ -265,7 +289,7 @@ class Frontend:
                 listener.pause()
         session.start()
 
-    def session_ended(self, session: TcpSession) -> None:
+    def session_ended(self, session: TcpSession | HttpSession) -> None:
         sessions = self.sessions
         was_full = len(sessions) >= self.maxconn
         sessions.discard(session)
@@ -297,6 +321,11 @@ class Frontend:
         self.stopping = True
         for listener in self.listeners:
             listener.close()
+        if self.http is not None:
+            # HTTP keep-alive: idle connections close now, busy ones after their stream.
+            for session in list(self.sessions):
+                if isinstance(session, HttpSession):
+                    session.drain()
 
     def abort_sessions(self, cause: str) -> int:
         """Close every session now (hard stop) and stop the sweeper. Returns how many were closed."""
@@ -304,4 +333,5 @@ class Frontend:
         sessions = list(self.sessions)
         for session in sessions:
             session.abort(cause)
+        self.pools.close()
         return len(sessions)

@@ -21,7 +21,9 @@ from dataclasses import dataclass, field
 from medlb.checks.scheduler import ServerChecker
 from medlb.config import Config, ServerConfig
 from medlb.io.frontend import Frontend
+from medlb.io.http import HttpSession
 from medlb.io.session import TcpSession
+from medlb.io.tls import ClientTls
 from medlb.model.backend import Backend
 from medlb.model.server import Server
 
@@ -46,6 +48,8 @@ class Runtime:
     epoch_offset: float = 0.0
     started_at: float = field(default_factory=time.time)
     reloads: int = 0
+    #: TLS towards servers, by backend name; every frontend holds this same dict.
+    backend_tls: dict[str, ClientTls] = field(default_factory=dict)
     _group: asyncio.TaskGroup | None = None
     _tasks: dict[Server, tuple[asyncio.Task[None], asyncio.Task[None]]] = field(default_factory=dict)
 
@@ -101,11 +105,11 @@ class Runtime:
     def all_frontends(self) -> list[Frontend]:
         return [*self.frontends.values(), *self.retired_frontends]
 
-    def sessions(self) -> Iterator[TcpSession]:
+    def sessions(self) -> Iterator[TcpSession | HttpSession]:
         for frontend in self.all_frontends():
             yield from frontend.sessions
 
-    def sessions_of(self, server: Server) -> list[TcpSession]:
+    def sessions_of(self, server: Server) -> list[TcpSession | HttpSession]:
         return [s for s in self.sessions() if s.server is server]
 
     def live_bytes(self) -> dict[Server, tuple[int, int]]:

@@ -1,0 +1,155 @@
+"""TLS contexts: offload on frontends, re-encryption to servers.
+
+Secure defaults live here, not in each caller: TLS 1.2 minimum, forward-secret
+AEAD ciphers for TLS 1.2, no compression, no renegotiation, server cipher
+preference. SNI picks a certificate among several by the names in the
+certificates themselves (or the names the config gives). Building a context
+reads files, so it happens at start and on reload, never per connection.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ssl
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from medlb.config import BackendTls, FrontendTls, TlsCertificate
+from medlb.errors import StartupError
+
+_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
+
+
+def _names_of(cert: TlsCertificate) -> list[str]:
+    """The DNS names a certificate serves: the config's list, else its SAN, else its CN."""
+    if cert.names:
+        return [n.lower() for n in cert.names]
+    try:
+        decoded = ssl._ssl._test_decode_cert(cert.cert)  # type: ignore[attr-defined]  # stdlib, stable since 3.0
+    except (OSError, ssl.SSLError) as exc:
+        raise StartupError(f"tls: cannot read certificate {cert.cert}: {exc}") from None
+    names = [value.lower() for kind, value in decoded.get("subjectAltName", ()) if kind == "DNS"]
+    if not names:
+        for rdn in decoded.get("subject", ()):
+            for key, value in rdn:
+                if key == "commonName":
+                    names.append(value.lower())
+    return names
+
+
+def _server_context(settings: FrontendTls, cert: TlsCertificate) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = _VERSIONS[settings.min_version]
+    context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION | ssl.OP_CIPHER_SERVER_PREFERENCE
+    if not settings.session_tickets:
+        context.options |= ssl.OP_NO_TICKET
+        context.num_tickets = 0
+    try:
+        context.set_ciphers(settings.ciphers)
+    except ssl.SSLError:
+        raise StartupError(f"tls.ciphers: no usable cipher in {settings.ciphers!r}") from None
+    if settings.alpn:
+        context.set_alpn_protocols(settings.alpn)
+    try:
+        context.load_cert_chain(cert.cert, cert.key)
+    except (OSError, ssl.SSLError) as exc:
+        raise StartupError(f"tls: cannot load {cert.cert} / {cert.key}: {exc}") from None
+    if settings.client_verify != "none":
+        if not settings.client_ca:
+            raise StartupError("tls.client_verify needs tls.client_ca")
+        try:
+            context.load_verify_locations(cafile=settings.client_ca)
+        except (OSError, ssl.SSLError) as exc:
+            raise StartupError(f"tls.client_ca {settings.client_ca}: {exc}") from None
+        context.verify_mode = ssl.CERT_REQUIRED if settings.client_verify == "required" else ssl.CERT_OPTIONAL
+    return context
+
+
+@dataclass(frozen=True)
+class ServerTls:
+    """The contexts of one frontend: the default one, and one per extra certificate by SNI name."""
+
+    default: ssl.SSLContext
+    by_name: dict[str, ssl.SSLContext]
+    handshake_timeout: float
+    subject_header: bytes
+    client_verify: bool
+
+    def select(self, server_name: str | None) -> ssl.SSLContext | None:
+        if not server_name:
+            return None
+        name = server_name.lower()
+        context = self.by_name.get(name)
+        if context is None and "." in name:
+            context = self.by_name.get("*." + name.split(".", 1)[1])
+        return context
+
+
+def server_tls(settings: FrontendTls) -> ServerTls:
+    contexts = [_server_context(settings, cert) for cert in settings.certificates]
+    by_name: dict[str, ssl.SSLContext] = {}
+    for cert, context in zip(settings.certificates, contexts, strict=True):
+        for name in _names_of(cert):
+            by_name.setdefault(name, context)
+    tls = ServerTls(
+        default=contexts[0],
+        by_name=by_name,
+        handshake_timeout=settings.handshake_timeout,
+        subject_header=settings.client_subject_header.encode(),
+        client_verify=settings.client_verify != "none",
+    )
+
+    def on_sni(sock: ssl.SSLObject, server_name: str | None, _: ssl.SSLContext) -> None:
+        chosen = tls.select(server_name)
+        if chosen is not None and chosen is not sock.context:
+            sock.context = chosen
+        return None
+
+    if len(contexts) > 1:
+        contexts[0].sni_callback = on_sni
+    return tls
+
+
+def subject_text(peercert: dict[str, object] | None) -> str:
+    """A client certificate's subject as ``CN=...,O=...`` (RFC 4514 order), or ``""``."""
+    if not peercert:
+        return ""
+    parts: list[str] = []
+    subject = peercert.get("subject", ())
+    assert isinstance(subject, tuple)
+    short = {"commonName": "CN", "organizationName": "O", "organizationalUnitName": "OU", "countryName": "C"}
+    for rdn in reversed(subject):
+        for key, value in rdn:
+            text = str(value).replace("\\", "\\\\").replace(",", "\\,")
+            parts.append(f"{short.get(key, key)}={text}")
+    return ",".join(parts)
+
+
+@dataclass(frozen=True)
+class ClientTls:
+    """How to open TLS towards the servers of a backend."""
+
+    context: ssl.SSLContext
+    sni: str | None
+    pins: frozenset[bytes]
+
+    def pinned_ok(self, der: bytes | None) -> bool:
+        return not self.pins or (der is not None and hashlib.sha256(der).digest() in self.pins)
+
+
+def client_tls(settings: BackendTls) -> ClientTls:
+    try:
+        context = ssl.create_default_context(cafile=settings.ca) if settings.ca else ssl.create_default_context()
+    except (OSError, ssl.SSLError) as exc:
+        raise StartupError(f"backend tls.ca {settings.ca}: {exc}") from None
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if not settings.verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    context.set_alpn_protocols(["http/1.1"])
+    return ClientTls(context=context, sni=settings.sni, pins=frozenset(_pins(settings.pin_sha256)))
+
+
+def _pins(values: Iterable[str]) -> Iterable[bytes]:
+    for value in values:
+        yield bytes.fromhex(value.replace(":", ""))

@@ -1,0 +1,307 @@
+"""``mode: http`` end to end: a real medlb process, real HTTP clients (curl,
+http.client, raw sockets) and recording HTTP/1.1 servers on loopback."""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.helpers import Medlb, free_port, running_medlb, wait_until
+
+
+class Recorder(ThreadingHTTPServer):
+    """An HTTP/1.1 keep-alive server that records every request it parses."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, name: str) -> None:
+        outer = self
+        self.name = name
+        self.requests: list[dict[str, Any]] = []
+        self.lock = threading.Lock()
+        self.mode = "ok"
+        self.big = b""
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def _body(self) -> bytes:
+                if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+                    out = b""
+                    while True:
+                        size = int(self.rfile.readline().strip(), 16)
+                        if size == 0:
+                            while self.rfile.readline() not in (b"\r\n", b""):
+                                pass
+                            return out
+                        out += self.rfile.read(size)
+                        self.rfile.readline()
+                length = int(self.headers.get("Content-Length") or 0)
+                return self.rfile.read(length) if length else b""
+
+            def _handle(self) -> None:
+                body = self._body() if self.command != "HEAD" else b""
+                record = {
+                    "method": self.command,
+                    "path": self.path,
+                    "headers": [(k, v) for k, v in self.headers.items()],
+                    "body": body,
+                }
+                with outer.lock:
+                    outer.requests.append(record)
+                mode = outer.mode
+                if mode == "garbage":
+                    self.wfile.write(b"NOT HTTP AT ALL\r\n\r\n")
+                    self.close_connection = True
+                    return
+                if mode == "silent":
+                    time.sleep(3)
+                    return
+                if mode == "big":
+                    payload = outer.big
+                else:
+                    payload = json.dumps({"server": outer.name, "path": self.path, "body": len(body)}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.send_header("X-Server", outer.name)
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(payload)
+
+            do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = do_OPTIONS = _handle
+
+        super().__init__(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+
+    @property
+    def port(self) -> int:
+        port: int = self.server_address[1]
+        return port
+
+    def stop(self) -> None:
+        self.shutdown()
+        self.server_close()
+
+
+def http_config(port: int, servers: list[Recorder], **http: Any) -> dict[str, Any]:
+    return {
+        "global": {"hard_stop_after": "5s"},
+        "defaults": {
+            "timeouts": {"connect": "1s", "client": "30s", "server": "2s", "queue": "2s", "check": "500ms"},
+            "check": {"inter": "200ms", "fastinter": "100ms", "downinter": "300ms", "rise": 1, "fall": 1},
+            "retries": 2,
+            "redispatch": True,
+        },
+        "frontends": [
+            {"name": "web", "mode": "http", "bind": [f"127.0.0.1:{port}"], "default_backend": "viewers", "http": http}
+        ],
+        "backends": [
+            {
+                "name": "viewers",
+                "balance": "roundrobin",
+                "check": {"type": "tcp"},
+                "servers": [{"name": s.name, "address": f"127.0.0.1:{s.port}"} for s in servers],
+            }
+        ],
+    }
+
+
+class Lab:
+    def __init__(self, lb: Medlb, port: int, servers: list[Recorder]) -> None:
+        self.lb = lb
+        self.port = port
+        self.servers = servers
+
+    def conn(self) -> http.client.HTTPConnection:
+        return http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
+
+    def raw(self, data: bytes, *, read_timeout: float = 3.0) -> bytes:
+        with socket.create_connection(("127.0.0.1", self.port), timeout=read_timeout) as sock:
+            sock.sendall(data)
+            out = b""
+            try:
+                while chunk := sock.recv(65536):
+                    out += chunk
+            except TimeoutError:
+                pass
+            return out
+
+    def seen(self) -> list[dict[str, Any]]:
+        return [r for s in self.servers for r in s.requests]
+
+
+@pytest.fixture
+def lab(tmp_path: Path) -> Iterator[Lab]:
+    servers = [Recorder("a"), Recorder("b")]
+    port = free_port()
+    try:
+        with running_medlb(http_config(port, servers), tmp_path) as lb:
+            lb.wait_for_log("viewers/a op_state DOWN -> UP")
+            lb.wait_for_log("viewers/b op_state DOWN -> UP")
+            yield Lab(lb, port, servers)
+    finally:
+        for s in servers:
+            s.stop()
+
+
+def test_keep_alive_balances_each_request(lab: Lab) -> None:
+    conn = lab.conn()
+    names = []
+    for n in range(6):
+        conn.request("GET", f"/wado?n={n}")
+        response = conn.getresponse()
+        assert response.status == 200
+        names.append(json.loads(response.read())["server"])
+    conn.close()
+    assert names == ["a", "b"] * 3  # one client connection, requests spread
+    lab.lb.wait_for_log('"GET /wado?n=5 HTTP/1.1" status=200')
+
+
+def test_forwarding_headers_are_set_and_forged_ones_dropped(lab: Lab) -> None:
+    conn = lab.conn()
+    conn.request(
+        "GET", "/qido", headers={"X-Forwarded-For": "6.6.6.6", "Host": "pacs.example", "Forwarded": "for=6.6.6.6"}
+    )
+    assert conn.getresponse().read()
+    conn.close()
+    (record,) = lab.seen()
+    headers = {k.lower(): v for k, v in record["headers"]}
+    assert headers["x-forwarded-for"] == "127.0.0.1"
+    assert headers["x-forwarded-proto"] == "http"
+    assert headers["x-forwarded-host"] == "pacs.example"
+    assert "forwarded" not in headers
+    assert [k for k, _ in record["headers"] if k.lower() == "x-forwarded-for"] == ["X-Forwarded-For"]
+
+
+def test_request_bodies_content_length_and_chunked(lab: Lab) -> None:
+    payload = bytes(range(256)) * 4000  # ~1 MB
+    conn = lab.conn()
+    conn.request("POST", "/stow", body=payload, headers={"Content-Type": "application/dicom"})
+    assert json.loads(conn.getresponse().read())["body"] == len(payload)
+
+    def chunks() -> Iterator[bytes]:
+        for i in range(0, len(payload), 70000):
+            yield payload[i : i + 70000]
+
+    conn.request("POST", "/stow", body=chunks(), encode_chunked=True)
+    assert json.loads(conn.getresponse().read())["body"] == len(payload)
+    conn.close()
+    bodies = [r["body"] for r in lab.seen()]
+    assert bodies == [payload, payload]
+
+
+def test_large_response_streams_intact(lab: Lab) -> None:
+    big = hashlib.sha256(b"seed").digest() * (20 * 1024 * 1024 // 32)
+    for s in lab.servers:
+        s.big = big
+        s.mode = "big"
+    conn = lab.conn()
+    conn.request("GET", "/wado/instances/1")
+    response = conn.getresponse()
+    assert response.status == 200 and int(response.headers["Content-Length"]) == len(big)
+    assert hashlib.sha256(response.read()).digest() == hashlib.sha256(big).digest()
+    conn.close()
+
+
+def test_head_and_pipelining(lab: Lab) -> None:
+    out = lab.raw(
+        b"HEAD /a HTTP/1.1\r\nHost: x\r\n\r\n"
+        b"GET /b HTTP/1.1\r\nHost: x\r\n\r\n"
+        b"GET /c HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    assert out.count(b"HTTP/1.1 200") == 3
+    assert out.index(b'"path": "/b"') < out.index(b'"path": "/c"')
+    assert b'"path": "/a"' not in out  # HEAD: no body
+    assert [r["path"] for r in sorted(lab.seen(), key=lambda r: r["path"])] == ["/a", "/b", "/c"]
+
+
+def test_smuggling_attempt_is_rejected_and_reaches_no_server(lab: Lab) -> None:
+    out = lab.raw(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 6\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nG")
+    assert out.startswith(b"HTTP/1.1 400 ")
+    assert lab.seen() == []
+    lab.lb.wait_for_log("rejected 400")
+
+
+def test_no_server_gives_503_with_retry_after(tmp_path: Path) -> None:
+    port = free_port()
+    config = http_config(port, [])
+    config["backends"][0]["servers"] = [{"name": "dead", "address": f"127.0.0.1:{free_port()}"}]
+    with running_medlb(config, tmp_path):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        conn.request("GET", "/")
+        response = conn.getresponse()
+        assert response.status == 503 and response.headers["Retry-After"] == "5"
+        assert b"no_server" in response.read()
+
+
+def test_bad_response_is_502_and_silence_is_504(lab: Lab) -> None:
+    for s in lab.servers:
+        s.mode = "garbage"
+    conn = lab.conn()
+    conn.request("GET", "/")
+    response = conn.getresponse()
+    assert response.status == 502
+    response.read()
+    conn.close()
+    for s in lab.servers:
+        s.mode = "silent"
+    conn = lab.conn()
+    started = time.monotonic()
+    conn.request("GET", "/slow")
+    response = conn.getresponse()
+    assert response.status == 504 and 1.5 < time.monotonic() - started < 4
+    conn.close()
+    lab.lb.wait_for_log("term=server_timeout")
+
+
+def test_a_dead_server_costs_no_failed_get(lab: Lab) -> None:
+    lab.servers[1].stop()
+    conn = lab.conn()
+    for n in range(6):
+        conn.request("GET", f"/after-kill/{n}")
+        response = conn.getresponse()
+        assert response.status == 200, response.read()
+        assert json.loads(response.read())["server"] == "a"
+    conn.close()
+
+
+def test_curl_expect_100_continue(lab: Lab, tmp_path: Path) -> None:
+    upload = tmp_path / "upload.bin"
+    upload.write_bytes(b"D" * 2_000_000)
+    result = subprocess.run(
+        [
+            "curl",
+            "-sS",
+            "--http1.1",
+            "-H",
+            "Expect: 100-continue",
+            "--data-binary",
+            f"@{upload}",
+            f"http://127.0.0.1:{lab.port}/stow",
+            "-w",
+            "\\n%{http_code}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
+    body, code = result.stdout.rsplit("\n", 1)
+    assert code == "200", result.stderr
+    assert json.loads(body)["body"] == 2_000_000
+    wait_until(lambda: any(r["path"] == "/stow" for r in lab.seen()))
