@@ -530,7 +530,8 @@ class Stream:
         conn, server = self.conn, self.server
         self.conn = None
         head = self.response_head
-        reusable = bool(head is not None and head.keep_alive and self.request_done)
+        # An HTTP/1.0 request went out as 1.0 (without keep-alive): the server closes after it.
+        reusable = bool(head is not None and head.keep_alive and self.request_done and self.head.version == b"1.1")
         if conn is not None:
             conn.release(reusable)
         if server is not None:
@@ -738,8 +739,16 @@ class HttpSession(asyncio.Protocol):
             self.transport.write(out[0] if len(out) == 1 else b"".join(out))
 
     def eof_received(self) -> bool | None:
-        # A client half-close: finish the stream in flight, then close.
+        # A client half-close: finish the stream in flight, then close. A request cut
+        # by the close is an error, and one already forwarded is aborted, never completed.
         self.keep_alive = False
+        try:
+            events = self.parser.feed_eof()
+        except HttpError as exc:
+            self._reject(exc.status, exc.reason)
+            return None
+        self.pending.extend(events)
+        self._advance()
         if self.stream is None and not self.pending:
             self.close()
         return True
