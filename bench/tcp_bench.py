@@ -30,33 +30,65 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime as dt
 import functools
 import json
 import os
-import platform
-import re
 import resource
 import secrets
 import selectors
-import shutil
-import signal
 import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
 
-HOST = "127.0.0.1"
-REPO = Path(__file__).resolve().parent.parent
+_HERE = str(Path(__file__).resolve().parent)
+if _HERE not in sys.path:  # bench/ is not a package: common.py lies next to this file
+    sys.path.insert(0, _HERE)
+from common import (  # noqa: E402
+    HOST,
+    REPO,
+    BenchBase,
+    BenchError,
+    Plan,
+    Proc,
+    Sample,
+    Targets,
+    details_lines,
+    fmt_ratio,
+    fmt_value,
+    free_port,
+    machine_lines,
+    make_parser,
+    medians,
+    notes_lines,
+    on_sigterm_clean_up,
+    parse_common_args,
+    parse_paths,
+    probe_http,
+    raise_nofile,
+    ratio,
+    read_line,
+    require_tools,
+    rss_kb,
+    run_and_report,
+    run_interleaved,
+    run_wrk,
+    start_medlb,
+    start_nginx,
+    table_lines,
+    target_lines,
+    wait_port,
+    wait_ready,
+)
+from common import collect_meta as collect_machine_meta  # noqa: E402
+
 #: The path names, in table order. ``medlb`` is the shipped default (splice on); ``medlb-observed`` is the
 #: same plus the admin API, scraped while it is measured (next to ``medlb`` so interleaving puts them side by side).
 PATHS = ("direct", "haproxy", "medlb", "medlb-observed", "medlb-copy")
@@ -82,6 +114,8 @@ METRICS = {
 }
 #: fds a proxy keeps for itself besides two per session (listeners, epoll, checks, logs, pipes in use).
 PROXY_FD_MARGIN = 400
+#: Binaries the benchmark runs besides medlb.
+TOOLS = ("haproxy", "iperf3", "wrk", "nginx")
 PROBE_REQUEST = b"PROBE\n"
 PROBE_REPLY = b"OK\n"
 #: What the scraper fetches from medlb (observed) each round, in order.
@@ -90,73 +124,7 @@ SCRAPE_ENDPOINTS = ("/metrics", "/api/v1/status", "/api/v1/history")
 SCRAPE_INTERVAL = 1.0
 
 
-class BenchError(RuntimeError):
-    """A measurement could not be taken; the message says what was seen."""
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-def free_port() -> int:
-    """A currently free loopback port; the tiny race with other programs is acceptable on a bench box."""
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
-
-
-def raise_nofile() -> int:
-    """Raise our soft RLIMIT_NOFILE to the hard limit; children inherit it (10,000 sessions need ~20,000 fds).
-
-    The hard limit itself can only grow with CAP_SYS_RESOURCE, which containers often drop; the
-    idle-session count is then capped to what fits (see ``main``).
-    """
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = hard if hard != resource.RLIM_INFINITY else 1_048_576
-    try:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
-    except (ValueError, OSError):
-        return soft
-    return want
-
-
-def wait_port(port: int, timeout: float, proc: subprocess.Popen[bytes] | None = None) -> None:
-    """Wait until ``port`` accepts a TCP connection (and fail fast if the process behind it died)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise BenchError(f"process exited with {proc.returncode} before port {port} opened")
-        with contextlib.suppress(OSError), socket.create_connection((HOST, port), timeout=0.5):
-            return
-        time.sleep(0.05)
-    raise BenchError(f"port {port} did not open within {timeout:.0f} s")
-
-
-def retry_until(what: str, probe: Callable[[], bool], timeout: float, proc: subprocess.Popen[bytes] | None) -> None:
-    """Call ``probe`` until it returns True; readiness through a proxy is only known end to end."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise BenchError(f"proxy exited with {proc.returncode} while waiting for {what}")
-        try:
-            if probe():
-                return
-        except OSError:
-            pass
-        time.sleep(0.1)
-    raise BenchError(f"{what}: not ready within {timeout:.0f} s")
-
-
-def probe_http(port: int) -> bool:
-    """One HTTP/1.0 GET; True when a 200 came back (nginx reached through the proxy)."""
-    with socket.create_connection((HOST, port), timeout=2) as s:
-        s.sendall(b"GET / HTTP/1.0\r\nHost: bench\r\n\r\n")
-        data = b""
-        while len(data) < 12:
-            chunk = s.recv(4096)
-            if not chunk:
-                break
-            data += chunk
-        return data.startswith(b"HTTP/1.1 200") or data.startswith(b"HTTP/1.0 200")
+# --------------------------------------------------------------------------- probes
 
 
 def probe_iperf3(port: int) -> bool:
@@ -183,167 +151,6 @@ def probe_holder(port: int) -> bool:
                 break
             data += chunk
         return data == PROBE_REPLY
-
-
-def proc_group_pids(pgid: int) -> list[int]:
-    """Every live process of a process group (HAProxy or nginx could fork; medlb may one day)."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        fields = stat.rsplit(")", 1)[1].split()
-        if int(fields[2]) == pgid:
-            pids.append(int(entry))
-    return pids
-
-
-def rss_kb(pgid: int) -> int:
-    """Sum of VmRSS (kB) over the process group; threads share one mm, so each process counts once."""
-    total = 0
-    for pid in proc_group_pids(pgid):
-        try:
-            status = Path(f"/proc/{pid}/status").read_text()
-        except OSError:
-            continue
-        m = re.search(r"^VmRSS:\s+(\d+) kB", status, re.M)
-        if m:
-            total += int(m.group(1))
-    return total
-
-
-def cpu_seconds(pgid: int) -> float:
-    """utime+stime of the process group, to show how many cores a proxy burnt for a result."""
-    ticks = os.sysconf("SC_CLK_TCK")
-    total = 0
-    for pid in proc_group_pids(pgid):
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += int(fields[11]) + int(fields[12])
-    return total / ticks
-
-
-def first_line(cmd: list[str]) -> str:
-    """First non-empty output line of a version command, or 'unknown' (only informative)."""
-    try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
-    for line in (out.stdout + out.stderr).splitlines():
-        if line.strip():
-            return line.strip()
-    return "unknown"
-
-
-def cpu_model() -> str:
-    """CPU model name from /proc/cpuinfo."""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
-
-
-# --------------------------------------------------------------------------- process management
-
-
-@dataclass
-class Proc:
-    """A child in its own process group, so it and anything it forks can be killed together."""
-
-    name: str
-    popen: subprocess.Popen[bytes]
-    log_path: Path | None = None
-    #: Base URL of medlb's admin API (``medlb-observed`` only).
-    admin_url: str | None = None
-
-    @property
-    def pgid(self) -> int:
-        return self.popen.pid
-
-    def log_tail(self, lines: int = 15) -> str:
-        """Last lines of the child's output, for failure reports."""
-        if self.log_path is None or not self.log_path.exists():
-            return ""
-        text = self.log_path.read_text(errors="replace").splitlines()
-        return "\n".join(text[-lines:])
-
-
-@dataclass
-class Children:
-    """Owns every child process; ``close`` kills them all, whatever happened before."""
-
-    workdir: Path
-    procs: list[Proc] = field(default_factory=list)
-
-    def start(
-        self, name: str, cmd: list[str], *, stdin: int | None = subprocess.DEVNULL, stdout_pipe: bool = False
-    ) -> Proc:
-        """Start ``cmd`` in a new session; output goes to a log file in the work dir unless piped."""
-        log_path = self.workdir / f"{name}-{len(self.procs)}.log"
-        with open(log_path, "wb") as log:
-            popen = subprocess.Popen(
-                cmd,
-                stdin=stdin,
-                stdout=subprocess.PIPE if stdout_pipe else log,
-                stderr=log,
-                start_new_session=True,
-                cwd=self.workdir,
-            )
-        proc = Proc(name, popen, log_path)
-        self.procs.append(proc)
-        return proc
-
-    def stop(self, proc: Proc, timeout: float = 5.0) -> None:
-        """SIGTERM the group, then SIGKILL; ``haproxy -db`` and medlb both stop on SIGTERM."""
-        if proc not in self.procs:
-            return
-        self.procs.remove(proc)
-        _kill_group(proc.popen, timeout)
-
-    def close(self) -> None:
-        """Kill every remaining child (reverse start order: clients before proxies before backends)."""
-        while self.procs:
-            proc = self.procs.pop()
-            _kill_group(proc.popen, 3.0)
-
-
-def _kill_group(popen: subprocess.Popen[bytes], timeout: float) -> None:
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(popen.pid, sig)
-        try:
-            popen.wait(timeout)
-            break
-        except subprocess.TimeoutExpired:
-            continue
-    for stream in (popen.stdin, popen.stdout):
-        if stream is not None:
-            with contextlib.suppress(OSError):
-                stream.close()
-    # A grandchild could outlive the leader; the group id stays valid while any member lives.
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(popen.pid, signal.SIGKILL)
-
-
-def read_line(stream: IO[bytes], timeout: float, proc: subprocess.Popen[bytes]) -> str:
-    """One line from a child's stdout with a deadline (helpers announce ports and progress this way)."""
-    sel = selectors.DefaultSelector()
-    sel.register(stream, selectors.EVENT_READ)
-    try:
-        if not sel.select(timeout):
-            raise BenchError(f"no output from helper within {timeout:.0f} s (exit code {proc.poll()})")
-        line = stream.readline()
-    finally:
-        sel.close()
-    if not line:
-        raise BenchError(f"helper exited with {proc.wait()} without output")
-    return line.decode().strip()
 
 
 # --------------------------------------------------------------------------- helper processes (re-executed)
@@ -559,6 +366,19 @@ def count_summary(scrapes: list[Scrape]) -> str:
 # --------------------------------------------------------------------------- backends and proxies
 
 
+def one_metric(
+    key: str, measure: Callable[[], float] | Callable[[], tuple[float, str]]
+) -> Callable[[], tuple[dict[str, float], str]]:
+    """Adapt a measurement of one number (and maybe a summary) to ``run_interleaved``'s shape."""
+
+    def run() -> tuple[dict[str, float], str]:
+        value = measure()
+        number, summary = value if isinstance(value, tuple) else (value, "")
+        return {key: number}, summary
+
+    return run
+
+
 @dataclass
 class Route:
     """One frontend -> backend pair a proxy must provide; ``probe`` checks it end to end."""
@@ -588,17 +408,13 @@ class Settings:
     held_scrape_rounds: int = 10
 
 
-class Bench:
+class Bench(BenchBase):
     """Starts backends and proxies and takes the measurements; all children die in :meth:`close`."""
 
     def __init__(self, settings: Settings) -> None:
+        super().__init__("medlb-bench-")
         self.s = settings
-        self.tmp = Path(tempfile.mkdtemp(prefix="medlb-bench-"))
-        self.children = Children(self.tmp)
         self.nginx_port = 0
-        self.notes: list[str] = []
-        self.cpu: dict[tuple[str, str], float] = {}
-        self.details: dict[tuple[str, str], str] = {}
         #: Every request the scrapers of medlb (observed) made.
         self.scrapes: list[Scrape] = []
         self.admin_token = secrets.token_urlsafe(32)
@@ -606,42 +422,17 @@ class Bench:
         fd = os.open(self.admin_token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(self.admin_token + "\n")
-        medlb = REPO / ".venv" / "bin" / "medlb"
-        self.medlb = str(medlb) if medlb.exists() else (shutil.which("medlb") or "medlb")
-
-    def close(self) -> None:
-        self.children.close()
-        shutil.rmtree(self.tmp, ignore_errors=True)
 
     # -- backends
 
     def start_nginx(self) -> None:
         """nginx serving a 13-byte body from the config (no file: the worker runs as nobody)."""
         port = free_port()
-        ndir = self.tmp / "nginx"
-        ndir.mkdir()
-        cfg = ndir / "nginx.conf"
-        temp_paths = "\n".join(
-            f"  {kind}_temp_path {ndir / kind};" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
-        )
-        cfg.write_text(
-            f"""daemon off;
-worker_processes {self.s.nginx_workers};
-worker_rlimit_nofile 20000;
-pid {ndir / "nginx.pid"};
-error_log {ndir / "error.log"} warn;
-events {{ worker_connections 8192; }}
-http {{
-  access_log off;
-{temp_paths}
-  server {{
+        server = f"""  server {{
     listen {HOST}:{port} backlog=4096;
     location / {{ default_type text/plain; return 200 "hello, bench\\n"; }}
-  }}
-}}
-"""
-        )
-        proc = self.children.start("nginx", ["nginx", "-p", str(ndir), "-e", str(ndir / "error.log"), "-c", str(cfg)])
+  }}"""
+        proc = start_nginx(self.children, self.tmp / "nginx", self.s.nginx_workers, server)
         wait_port(port, 10, proc.popen)
         self.nginx_port = port
 
@@ -752,25 +543,17 @@ http {{
             admin_port = free_port() if path == "medlb-observed" else 0
             splice = path in ("medlb", "medlb-observed")
             cfg.write_text(self.medlb_config(routes, ports, splice=splice, admin_port=admin_port))
-            check = subprocess.run([self.medlb, "check", "-c", str(cfg)], capture_output=True, text=True)
-            if check.returncode != 0:
-                raise BenchError(f"medlb check failed ({check.returncode}): {check.stderr.strip() or check.stdout}")
-            proc = self.children.start(
-                path, [self.medlb, "run", "-c", str(cfg), "--no-session-log", "--log-level", "warning"]
-            )
+            proc = start_medlb(self.children, self.medlb, path, cfg)
             if admin_port:
                 proc.admin_url = f"http://{HOST}:{admin_port}"
-        try:
-            for r in routes:
-                wait_port(ports[r.name], 20, proc.popen)
-            for r in routes:
-                retry_until(f"{path} route {r.name}", functools.partial(r.probe, ports[r.name]), 20, proc.popen)
-            if proc.admin_url:
-                self.wait_admin(proc)
-        except BenchError as exc:
-            tail = proc.log_tail()
-            self.children.stop(proc)
-            raise BenchError(f"{exc}; proxy output:\n{tail}") from exc
+        probes = [(f"{path} route {r.name}", functools.partial(r.probe, ports[r.name])) for r in routes]
+        wait_ready(
+            self.children,
+            proc,
+            list(ports.values()),
+            probes,
+            functools.partial(self.wait_admin, proc) if proc.admin_url else None,
+        )
         return proc, ports
 
     def wait_admin(self, proc: Proc) -> None:
@@ -832,27 +615,18 @@ http {{
 
     def wrk(self, port: int) -> tuple[float, str]:
         """Requests/s with ``Connection: close`` (each request is a new connection) and an error summary."""
-        cmd = [
-            "wrk",
-            f"-t{self.s.wrk_threads}",
-            f"-c{self.s.wrk_conns}",
-            f"-d{self.s.duration}s",
-            "-H",
-            "Connection: close",
-            f"http://{HOST}:{port}/",
-        ]
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=self.s.duration + 60)
-        m = re.search(r"Requests/sec:\s+([\d.]+)", out.stdout)
-        if out.returncode != 0 or not m:
-            raise BenchError(f"wrk failed ({out.returncode}): {(out.stdout + out.stderr).strip()[-300:]}")
-        errors = []
-        sm = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out.stdout)
-        if sm:
-            errors.append(f"connect/read/write/timeout {'/'.join(sm.groups())}")
-        nm = re.search(r"Non-2xx or 3xx responses: (\d+)", out.stdout)
-        if nm:
-            errors.append(f"non-2xx {nm.group(1)}")
-        return float(m.group(1)), " ".join(errors) or "0"
+        result = run_wrk(
+            [
+                f"-t{self.s.wrk_threads}",
+                f"-c{self.s.wrk_conns}",
+                f"-d{self.s.duration}s",
+                "-H",
+                "Connection: close",
+                f"http://{HOST}:{port}/",
+            ],
+            self.s.duration,
+        )
+        return result.requests_per_s, result.errors()
 
     def idle_memory(
         self, proxy: Proc, port: int, holder: Proc, count_file: Path, scraper: Scraper | None = None
@@ -922,17 +696,13 @@ http {{
     def measure_traffic(self, paths: list[str], results: dict[tuple[str, str], float | None]) -> None:
         """Bulk throughput and connection rate: every path set up at once, then runs interleaved.
 
-        Loopback numbers on a small VM drift by tens of percent from one minute
-        to the next, so each repetition visits every path in turn and the table
-        shows the median: a drift then hits all paths alike instead of one.
-        Idle proxies cost nothing meanwhile (medlb's health checks are a
-        connect every 2 s).
+        Each repetition visits every path in turn and the table shows the
+        median (``run_interleaved``). Idle proxies cost nothing meanwhile
+        (medlb's health checks are a connect every 2 s).
         """
-        before = set(map(id, self.children.procs))
         keys = ("bulk1", "bulk8", "connrate")
-        try:
-            # path -> route -> (the proxy serving it, its port); HAProxy gets one instance per tuning.
-            setups: dict[str, dict[str, tuple[Proc | None, int]]] = {}
+        with self.children.scope():
+            plans: dict[str, Plan] = {}
             for path in paths:
                 try:
                     bulk = [
@@ -943,104 +713,79 @@ http {{
                     groups = [(bulk, self.s.haproxy_bulk), (rate, self.s.haproxy_rate)]
                     if path != "haproxy":
                         groups = [(bulk + rate, self.s.haproxy_rate)]
-                    setups[path] = {}
+                    # route -> (the proxy serving it, its port); HAProxy gets one instance per tuning.
+                    routes_of: dict[str, tuple[Proc | None, int]] = {}
                     for routes, tuning in groups:
                         proxy, ports = self.start_proxy(path, routes, tuning)
-                        setups[path].update({name: (proxy, port) for name, port in ports.items()})
+                        routes_of.update({name: (proxy, port) for name, port in ports.items()})
                 except BenchError as exc:
-                    setups.pop(path, None)
                     self._fail(path, keys, exc, results)
-            samples: dict[tuple[str, str], list[float]] = {}
-            cpus: dict[tuple[str, str], list[float]] = {}
-            summaries: dict[tuple[str, str], list[str]] = {}
-            failed: set[tuple[str, str]] = set()
-            for rep in range(self.s.repeat):
-                print(f"== repetition {rep + 1}/{self.s.repeat}", flush=True)
-                for path, routes_of in setups.items():
-                    runs: list[tuple[str, str, Callable[[int], float | tuple[float, str]]]] = [
-                        ("bulk1", "iperf1", lambda port: self.iperf3(port, 1)),
-                        ("bulk8", "iperf8", lambda port: self.iperf3(port, 8)),
-                        ("connrate", "http", self.wrk),
-                    ]
-                    for key, route, measure in runs:
-                        if (path, key) in failed:
-                            continue
-                        proxy, port = routes_of[route]
-                        scraper = self.scraper(proxy, key)
-                        cpu0 = cpu_seconds(proxy.pgid) if proxy else 0.0
-                        t0 = time.monotonic()
-                        try:
-                            with scraper or contextlib.nullcontext():
-                                value = measure(port)
-                        except BenchError as exc:
-                            failed.add((path, key))
-                            self._fail(path, (key,), exc, results)
-                            continue
-                        if proxy is not None:
-                            cpus.setdefault((path, key), []).append(
-                                (cpu_seconds(proxy.pgid) - cpu0) / (time.monotonic() - t0)
-                            )
-                        if isinstance(value, tuple):
-                            value, summary = value
-                            summaries.setdefault((path, key), []).append(summary)
-                        samples.setdefault((path, key), []).append(value)
-                        print(f"  {PATH_TITLES[path]:15} {METRICS[key]:45} {fmt(value, key)}", flush=True)
-                        time.sleep(0.5)  # let TIME_WAIT churn and softirq backlog settle between runs
-            for (path, key), values in samples.items():
-                if (path, key) in failed:
                     continue
-                results[(path, key)] = statistics.median(values)
-                detail = "runs: " + ", ".join(fmt(v, key) for v in values)
-                if (path, key) in summaries:
-                    detail += " — wrk socket errors: " + ", ".join(summaries[(path, key)])
+                plans[path] = [
+                    (key, routes_of[route][0], one_metric(key, functools.partial(measure, routes_of[route][1])))
+                    for key, route, measure in (
+                        ("bulk1", "iperf1", functools.partial(self.iperf3, streams=1)),
+                        ("bulk8", "iperf8", functools.partial(self.iperf3, streams=8)),
+                        ("connrate", "http", self.wrk),
+                    )
+                ]
+
+            def show(path: str, key: str, sample: Sample) -> None:
+                print(f"  {PATH_TITLES[path]:15} {METRICS[key]:45} {fmt(sample.values[key], key)}", flush=True)
+
+            def fail(path: str, key: str, exc: BenchError) -> None:
+                self._fail(path, (key,), exc, results)
+
+            def around(path: str, key: str, proxy: Proc | None) -> contextlib.AbstractContextManager[object]:
+                return self.scraper(proxy, key) or contextlib.nullcontext()
+
+            samples = run_interleaved(self.s.repeat, plans, show, fail, around)
+            for (path, key), runs in samples.items():
+                values, cpu = medians(runs)
+                results[(path, key)] = values[key]
+                detail = "runs: " + ", ".join(fmt(run.values[key], key) for run in runs)
+                if key == "connrate":
+                    detail += " — wrk socket errors: " + ", ".join(run.summary for run in runs)
                 scrapes = [x for x in self.scrapes if x.test == key]
                 if path == "medlb-observed" and scrapes:
                     detail += f" — {count_summary(scrapes)}; latency median/max: {latency_summary(scrapes)}"
                 self.details[(path, key)] = detail
-                if (path, key) in cpus:
-                    self.cpu[(path, key)] = statistics.median(cpus[(path, key)])
-        finally:
-            for proc in [p for p in self.children.procs if id(p) not in before]:
-                self.children.stop(proc)
+                if cpu is not None:
+                    self.cpu[(path, key)] = cpu
 
     def measure_idle(self, path: str, results: dict[tuple[str, str], float | None]) -> None:
         """Idle-session memory on a fresh proxy, so buffers pooled by bulk tests neither pad nor hide the cost."""
         if path == "direct":
             results[(path, "idle_kb")] = None
             return
-        before = set(map(id, self.children.procs))
         print(f"== idle sessions: {PATH_TITLES[path]}", flush=True)
-        try:
-            holder, holder_port, count_file = self.start_holder()
-            proxy, ports = self.start_proxy(path, [Route("idle", holder_port, probe_holder)])
-            assert proxy is not None
-            scraper = self.scraper(proxy, "idle_kb")
-            with scraper or contextlib.nullcontext():
-                kb, detail = self.idle_memory(proxy, ports["idle"], holder, count_file, scraper)
-            if scraper is not None:
-                scrapes = [x for x in self.scrapes if x.test == "idle_kb"]
-                held = [x for x in scrapes if x.phase == "held"]
-                detail += (
-                    f" — {count_summary(scrapes)}; latency median/max with the {self.s.idle_n} sessions open: "
-                    f"{latency_summary(held)}"
-                )
-            results[(path, "idle_kb")] = kb
-            self.details[(path, "idle_kb")] = detail
-            print(f"  {PATH_TITLES[path]:15} {METRICS['idle_kb']:45} {fmt(kb, 'idle_kb')}", flush=True)
-        except BenchError as exc:
-            self._fail(path, ("idle_kb",), exc, results)
-        finally:
-            for proc in [p for p in self.children.procs if id(p) not in before]:
-                self.children.stop(proc)
+        with self.children.scope():
+            try:
+                holder, holder_port, count_file = self.start_holder()
+                proxy, ports = self.start_proxy(path, [Route("idle", holder_port, probe_holder)])
+                assert proxy is not None
+                scraper = self.scraper(proxy, "idle_kb")
+                with scraper or contextlib.nullcontext():
+                    kb, detail = self.idle_memory(proxy, ports["idle"], holder, count_file, scraper)
+                if scraper is not None:
+                    scrapes = [x for x in self.scrapes if x.test == "idle_kb"]
+                    held = [x for x in scrapes if x.phase == "held"]
+                    detail += (
+                        f" — {count_summary(scrapes)}; latency median/max with the {self.s.idle_n} sessions open: "
+                        f"{latency_summary(held)}"
+                    )
+                results[(path, "idle_kb")] = kb
+                self.details[(path, "idle_kb")] = detail
+                print(f"  {PATH_TITLES[path]:15} {METRICS['idle_kb']:45} {fmt(kb, 'idle_kb')}", flush=True)
+            except BenchError as exc:
+                self._fail(path, ("idle_kb",), exc, results)
 
     def _fail(
         self, path: str, keys: tuple[str, ...], exc: Exception, results: dict[tuple[str, str], float | None]
     ) -> None:
         for key in keys:
             results[(path, key)] = float("nan")
-        msg = f"{PATH_TITLES[path]} / {', '.join(METRICS[k] for k in keys)}: FAILED: {exc}"
-        self.notes.append(msg)
-        print("  " + msg, file=sys.stderr, flush=True)
+        self.note_failure(f"{PATH_TITLES[path]} / {', '.join(METRICS[k] for k in keys)}: FAILED: {exc}")
 
 
 # --------------------------------------------------------------------------- report
@@ -1054,53 +799,21 @@ def haproxy_tuning(tuning: tuple[int, int]) -> str:
 
 def fmt(value: float | None, key: str) -> str:
     """Table formatting per metric; ``n/a`` for not applicable, ``FAIL`` for a failed measurement."""
-    if value is None:
-        return "n/a"
-    if value != value:  # NaN
-        return "FAIL"
-    if key in ("bulk1", "bulk8"):
-        return f"{value:.2f}"
-    if key == "connrate":
-        return f"{value:.0f}"
-    return f"{value:.2f}"
-
-
-def ratio(a: float | None, b: float | None) -> float | None:
-    """a/b, None when either side is not applicable, NaN when either failed."""
-    if a is None or b is None:
-        return None
-    if a != a or b != b or b == 0:
-        return float("nan")
-    return a / b
-
-
-def fmt_ratio(r: float | None) -> str:
-    if r is None:
-        return "n/a"
-    if r != r:
-        return "FAIL"
-    return f"{r:.2f}x"
+    return fmt_value(value, lambda v: f"{v:.0f}" if key == "connrate" else f"{v:.2f}")
 
 
 def targets(results: dict[tuple[str, str], float | None]) -> list[tuple[str, str, bool | None]]:
     """The issue's targets for medlb (the default, splice) computed from the numbers: (target, measured, met)."""
-    out: list[tuple[str, str, bool | None]] = []
-
-    def add(label: str, value: float | None, ok: Callable[[float], bool], shown: Callable[[float], str]) -> None:
-        if value is None or value != value:
-            out.append((label, "FAIL", None))
-        else:
-            out.append((label, shown(value), ok(value)))
-
+    t = Targets()
     for key, streams in (("bulk1", "1 stream"), ("bulk8", "8 streams")):
         r = ratio(results[("medlb", key)], results[("haproxy", key)])
-        add(f"Bulk throughput ({streams}) >= 1.1x HAProxy", r, lambda v: v >= 1.1, lambda v: f"{v:.2f}x")
+        t.add_ratio(f"Bulk throughput ({streams}) >= 1.1x HAProxy", r, lambda v: v >= 1.1)
         r = ratio(results[("medlb", key)], results[("direct", key)])
-        add(f"Bulk throughput ({streams}) >= 0.65x direct", r, lambda v: v >= 0.65, lambda v: f"{v:.2f}x")
+        t.add_ratio(f"Bulk throughput ({streams}) >= 0.65x direct", r, lambda v: v >= 0.65)
     r = ratio(results[("medlb", "connrate")], results[("haproxy", "connrate")])
-    add("Connection rate >= 0.5x HAProxy", r, lambda v: v >= 0.5, lambda v: f"{v:.2f}x")
-    add("RSS per idle session < 20 KB", results[("medlb", "idle_kb")], lambda v: v < 20, lambda v: f"{v:.2f} KB")
-    return out
+    t.add_ratio("Connection rate >= 0.5x HAProxy", r, lambda v: v >= 0.5)
+    t.add("RSS per idle session < 20 KB", results[("medlb", "idle_kb")], lambda v: v < 20, lambda v: f"{v:.2f} KB")
+    return t.items
 
 
 def scrape_note(bench: Bench) -> str:
@@ -1130,9 +843,7 @@ def render(
     lines = [
         f"# TCP benchmark: direct vs HAProxy vs medlb ({meta['date']})",
         "",
-        f"- Date (UTC): {meta['datetime']}",
-        f"- Machine: {meta['host']}; CPU: {meta['cpu']}; nproc: {meta['nproc']}; kernel: {meta['kernel']}",
-        f"- Python: {meta['python']}; medlb: {meta['medlb']}",
+        *machine_lines(meta),
         f"- HAProxy: {meta['haproxy']} — nbthread left at default ({meta['haproxy_threads']} here), "
         "`mode tcp`, `option splice-auto`, no checks, no logging; bulk tests: "
         f"{haproxy_tuning(s.haproxy_bulk)}; connection rate and idle: {haproxy_tuning(s.haproxy_rate)}",
@@ -1153,108 +864,65 @@ def render(
             f"- N idle was capped from {s.idle_n_requested} to {s.idle_n}: the hard RLIMIT_NOFILE here is "
             f"{meta['nofile_hard']} (no CAP_SYS_RESOURCE to raise it) and a proxy needs 2 fds per session."
         )
-    header = ["Metric", *(PATH_TITLES[p] for p in ran), *(title for title, _, _ in ratios)]
-    lines += ["", "| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
-    for key, title in METRICS.items():
-        cells = [fmt(results[(p, key)], key) for p in ran]
-        cells += [fmt_ratio(ratio(results[(a, key)], results[(b, key)])) for _, a, b in ratios]
-        lines.append(f"| {title} | " + " | ".join(cells) + " |")
+    rows = [
+        (
+            title,
+            [fmt(results[(p, key)], key) for p in ran]
+            + [fmt_ratio(ratio(results[(a, key)], results[(b, key)])) for _, a, b in ratios],
+        )
+        for key, title in METRICS.items()
+    ]
+    lines += table_lines([*(PATH_TITLES[p] for p in ran), *(title for title, _, _ in ratios)], rows)
     if "medlb-observed" in ran:
         lines += ["", scrape_note(bench)]
-    lines += ["", "## Targets (medlb with splice, computed from the table)", ""]
-    for label, shown, met in targets(results):
-        verdict = "not measured" if met is None else ("met" if met else "NOT met")
-        lines.append(f"- {label}: {shown} — **{verdict}**")
-    lines += ["", "## Details", "", "| Path | Metric | Proxy CPU (cores) | Detail |", "|---|---|---:|---|"]
-    for p in ran:
-        for key in METRICS:
-            cpu = bench.cpu.get((p, key))
-            detail = bench.details.get((p, key), "")
-            if cpu is None and not detail:
-                continue
-            lines.append(f"| {PATH_TITLES[p]} | {METRICS[key]} | {'' if cpu is None else f'{cpu:.2f}'} | {detail} |")
+    lines += target_lines("Targets (medlb with splice, computed from the table)", targets(results))
+    rows = [(p, k, bench.cpu.get((p, k)), bench.details.get((p, k), "")) for p in ran for k in METRICS]
+    lines += details_lines([(PATH_TITLES[p], METRICS[k], cpu, detail) for p, k, cpu, detail in rows])
     notes = list(bench.notes)
     errors: dict[str, int] = {}
     for x in bench.scrapes:
         if x.error:
             errors[f"{x.endpoint} ({x.test}): {x.error}"] = errors.get(f"{x.endpoint} ({x.test}): {x.error}", 0) + 1
     notes += [f"medlb (observed) scrape failed {n}x: {error}" for error, n in errors.items()]
-    if notes:
-        lines += ["", "## Notes", ""]
-        for note in notes:
-            lines.append("- " + note.replace("\n", "\n  "))
+    lines += notes_lines(notes)
     return "\n".join(lines) + "\n"
 
 
 def collect_meta() -> dict[str, str]:
     """Machine and tool versions for the header; informative, never fatal."""
-    now = dt.datetime.now(dt.UTC)
-    haproxy_threads = str(os.cpu_count() or "?")  # HAProxy 2.6 defaults nbthread to the CPUs it may run on
-    with contextlib.suppress(AttributeError):
-        haproxy_threads = str(len(os.sched_getaffinity(0)))
-    medlb_version = "unknown"
-    with contextlib.suppress(Exception):
-        from importlib.metadata import version
-
-        medlb_version = version("medlb")
-    return {
-        "date": now.strftime("%Y-%m-%d"),
-        "stamp": now.strftime("%Y-%m-%d-%H%M"),
-        "datetime": now.strftime("%Y-%m-%d %H:%M:%S UTC"),
-        "host": platform.node(),
-        "cpu": cpu_model(),
-        "nproc": str(os.cpu_count()),
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-        "medlb": medlb_version,
-        "haproxy": first_line(["haproxy", "-v"]),
-        "haproxy_threads": haproxy_threads,
-        "iperf3": first_line(["iperf3", "-v"]),
-        "wrk": first_line(["wrk", "-v"]),
-        "nginx": first_line(["nginx", "-v"]),
-        "nofile_hard": str(resource.getrlimit(resource.RLIMIT_NOFILE)[1]),
-    }
+    return collect_machine_meta(TOOLS)
 
 
 # --------------------------------------------------------------------------- main
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    p.add_argument("--smoke", action="store_true", help="1 s tests and 500 idle sessions: proves the harness runs")
-    p.add_argument("--out", type=Path, help="markdown output (default bench/results/<date>-<HHMM>-tcp.md)")
-    p.add_argument("--duration", type=int, help="seconds per iperf3 and wrk test (default 10, smoke 1)")
-    p.add_argument("--repeat", type=int, help="interleaved repetitions of bulk/rate tests, median shown (default 3)")
+    p = make_parser(
+        __doc__,
+        "tcp",
+        PATHS,
+        smoke="1 s tests and 500 idle sessions: proves the harness runs",
+        duration="seconds per iperf3 and wrk test (default 10, smoke 1)",
+    )
     p.add_argument("--idle", type=int, help="idle sessions (default 10000, smoke 500; capped by the fd limit)")
     p.add_argument(
         "--held-scrapes",
         type=int,
         help="medlb (observed): scrape rounds made with all idle sessions open (default 10, smoke 3)",
     )
-    p.add_argument("--paths", default=",".join(PATHS), help=f"comma-separated subset of {','.join(PATHS)}")
-    p.add_argument("--nginx-workers", default="1", help="nginx worker_processes (default 1)")
     p.add_argument(
         "--haproxy-bulk",
         default="262144,1048576",
         help="HAProxy tune.bufsize,tune.pipesize for the iperf3 tests (pipesize 0 = kernel default)",
     )
     p.add_argument("--haproxy-rate", default="65536,0", help="the same for the wrk and idle-session tests")
-    return p.parse_args(argv)
+    return parse_common_args(p, argv)
 
 
 def parse_tuning(text: str) -> tuple[int, int]:
     """``BUFSIZE,PIPESIZE`` -> (bufsize, pipesize)."""
     bufsize, pipesize = (int(x) for x in text.split(","))
     return bufsize, pipesize
-
-
-def check_tools() -> list[str]:
-    """Names of required binaries that are missing."""
-    return [t for t in ("haproxy", "iperf3", "wrk", "nginx") if shutil.which(t) is None]
-
-
-def _sigterm(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt  # take the same cleanup path as Ctrl-C
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1264,27 +932,20 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["_idle_client"]:
         return idle_client_main(int(argv[1]), int(argv[2]))
     args = parse_args(argv)
-    missing = check_tools()
-    if missing:
-        print(f"missing tools: {', '.join(missing)}", file=sys.stderr)
-        return 2
-    paths = [p.strip() for p in args.paths.split(",") if p.strip()]
-    unknown = set(paths) - set(PATHS)
-    if unknown:
-        print(f"unknown paths: {', '.join(sorted(unknown))}", file=sys.stderr)
-        return 2
-    signal.signal(signal.SIGTERM, _sigterm)
+    require_tools(TOOLS)
+    paths = parse_paths(args.paths, PATHS)
+    on_sigterm_clean_up()
     nofile = raise_nofile()
     requested = args.idle if args.idle is not None else (500 if args.smoke else 10_000)
     idle_n = max(1, min(requested, (nofile - PROXY_FD_MARGIN) // 2))
     settings = Settings(
-        duration=args.duration if args.duration is not None else (1 if args.smoke else 10),
+        duration=args.duration,
         idle_n=idle_n,
         idle_n_requested=requested,
         nginx_workers=args.nginx_workers,
         haproxy_bulk=parse_tuning(args.haproxy_bulk),
         haproxy_rate=parse_tuning(args.haproxy_rate),
-        repeat=max(1, args.repeat if args.repeat is not None else (1 if args.smoke else 3)),
+        repeat=args.repeat,
         smoke=args.smoke,
         held_scrape_rounds=max(1, args.held_scrapes if args.held_scrapes is not None else (3 if args.smoke else 10)),
     )
@@ -1293,27 +954,14 @@ def main(argv: list[str] | None = None) -> int:
     bench = Bench(settings)
     results: dict[tuple[str, str], float | None] = {(p, k): float("nan") for p in PATHS for k in METRICS}
     results.update({("direct", "idle_kb"): None})
-    try:
+
+    def steps() -> None:
         bench.start_nginx()
         bench.measure_traffic(paths, results)
         for path in paths:
             bench.measure_idle(path, results)
-    except KeyboardInterrupt:
-        print("interrupted; cleaning up", file=sys.stderr)
-        return 130
-    except BenchError as exc:
-        bench.notes.append(f"aborted: {exc}")
-        print(f"aborted: {exc}", file=sys.stderr)
-    finally:
-        bench.close()
-    report = render(bench, results, meta, paths)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(report)
-    print()
-    print(report)
-    print(f"written to {out}")
-    failed = any(v is not None and v != v for (p, _), v in results.items() if p in paths)
-    return 1 if failed else 0
+
+    return run_and_report(bench, steps, lambda: render(bench, results, meta, paths), out, results, paths)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ declare -A NEED=(
   [ss]=iproute2
   [chromium]="chromium fonts-dejavu-core"
   [curl]=curl
+  [openssl]=openssl
 )
 
 missing=()

@@ -9,18 +9,13 @@ proves the admin API answers every scrape while traffic flows.
 
 from __future__ import annotations
 
-import importlib.util
 import re
-import shutil
-import subprocess
-import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-SCRIPT = REPO / "bench" / "tcp_bench.py"
+from tests.bench.smoke import load_script, parse_table, run_smoke
+
 TOOLS = ("haproxy", "iperf3", "wrk", "nginx")
 #: Cells that are legitimately not applicable: the direct path has no proxy memory to measure.
 NOT_APPLICABLE = {("RSS per idle session (KB)", "direct"), ("RSS per idle session (KB)", "medlb/direct")}
@@ -30,47 +25,11 @@ SCRAPE_LINE = re.compile(
 )
 
 
-def load_bench() -> ModuleType:
-    """Import the script as a module to share its row and column titles (bench/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("medlb_bench_tcp", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve string annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
-
-
-def parse_table(text: str) -> tuple[list[str], dict[str, list[str]]]:
-    """The first markdown table: its header and its rows keyed by the first cell."""
-    rows = [line for line in text.splitlines() if line.startswith("|")]
-    assert len(rows) >= 3, text
-    header = [c.strip() for c in rows[0].strip("|").split("|")]
-    table: dict[str, list[str]] = {}
-    for line in rows[2:]:
-        cells = [c.strip() for c in line.strip("|").split("|")]
-        if len(cells) != len(header):
-            break  # the next table (Details) starts after a blank line; stop at the first mismatch
-        table[cells[0]] = cells
-    return header, table
-
-
 @pytest.mark.interop
 @pytest.mark.timeout(240)
 def test_smoke_produces_complete_numeric_table(tmp_path: Path) -> None:
-    missing = [t for t in TOOLS if shutil.which(t) is None]
-    if missing:
-        pytest.skip(f"benchmark peers not installed: {', '.join(missing)}")
-    bench = load_bench()
-    out = tmp_path / "smoke.md"
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--smoke", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=200,
-        cwd=REPO,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    text = out.read_text()
+    bench = load_script("tcp_bench")
+    text = run_smoke("tcp_bench", TOOLS, tmp_path)
     main_table = text.split("\n## ")[0]
     header, table = parse_table(main_table)
     expected_columns = ["Metric", *bench.PATH_TITLES.values(), "medlb/direct", "medlb/HAProxy", "observed/medlb"]
@@ -105,7 +64,7 @@ def test_smoke_produces_complete_numeric_table(tmp_path: Path) -> None:
 
 def test_render_shows_only_the_paths_that_ran() -> None:
     """``--paths medlb,medlb-observed``: no columns (or FAIL ratios) for paths that were not measured."""
-    bench = load_bench()
+    bench = load_script("tcp_bench")
     b = bench.Bench(bench.Settings(duration=1, idle_n=10, idle_n_requested=10, smoke=True))
     try:
         results = {(p, k): float("nan") for p in bench.PATHS for k in bench.METRICS}

@@ -751,7 +751,9 @@ class HttpSession(asyncio.Protocol):
         self._advance()
         if self.stream is None and not self.pending:
             self.close()
-        return True
+        # Plain TCP can stay half-open to deliver the response; TLS cannot (asyncio
+        # closes an SSL transport after EOF whatever this returns, and warns).
+        return None if self.settings.tls is not None else True
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
