@@ -240,6 +240,7 @@ class BackendConfig(_Strict):
     slowstart: Duration | None = None
     proxy_protocol: Literal["v1", "v2", "none"] | None = None
     tls: BackendTls | None = None
+    persistence: PersistenceConfig | None = None
     servers: Annotated[list[ServerConfig], Field(min_length=1)]
 
 
@@ -296,6 +297,26 @@ class FrontendTls(_Strict):
     client_subject_header: Annotated[str, Field(pattern=r"^[A-Za-z0-9-]{1,64}$")] = "X-Client-Cert-Subject"
     handshake_timeout: Duration = 10.0
     session_tickets: bool = True
+
+
+class CookieSettings(_Strict):
+    """The persistence cookie medlb inserts (HAProxy ``cookie NAME insert indirect``)."""
+
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")] = "MEDLBSRV"
+    secure: bool | None = None  # None: Secure when the client connection is TLS
+    httponly: bool = True
+    samesite: Literal["Lax", "Strict", "None"] = "Lax"
+    max_age: Duration = 0.0  # 0: a session cookie
+
+
+class PersistenceConfig(_Strict):
+    """Keep a client on its server (``mode: http``): by cookie, source address or a header."""
+
+    type: Literal["cookie", "source", "header"]
+    cookie: CookieSettings = CookieSettings()
+    header: Annotated[str, Field(pattern=r"^[A-Za-z0-9-]{1,64}$")] | None = None
+    timeout: Duration = 1800.0  # source/header: forget a key after this long unused
+    table_size: Annotated[int, Field(ge=1, le=10_000_000)] = 100_000
 
 
 class BackendTls(_Strict):
@@ -499,6 +520,23 @@ def _semantic_issues(raw: Mapping[str, Any]) -> list[ConfigIssue]:
                         )
                     )
                 seen.add(server["name"])
+        persistence = backend.get("persistence")
+        if isinstance(persistence, dict) and persistence.get("type") == "header" and not persistence.get("header"):
+            issues.append(ConfigIssue(f"backends[{b_index}].persistence.header", "required for type header"))
+        if isinstance(persistence, dict) or backend.get("tls") is not None:
+            for f_index, frontend in enumerate(frontends if isinstance(frontends, list) else []):
+                if (
+                    isinstance(frontend, dict)
+                    and frontend.get("default_backend") == backend.get("name")
+                    and frontend.get("mode", "tcp") != "http"
+                ):
+                    what = "persistence" if isinstance(persistence, dict) else "tls"
+                    issues.append(
+                        ConfigIssue(
+                            f"backends[{b_index}].{what}",
+                            f"needs mode: http, but frontends[{f_index}] uses this backend in mode tcp",
+                        )
+                    )
         check = backend.get("check")
         if isinstance(check, dict) and check.get("type") == "external" and not check.get("command"):
             issues.append(ConfigIssue(f"backends[{b_index}].check.command", "required for type external"))

@@ -37,6 +37,7 @@ from medlb.config import (
     FrontendConfig,
     HostPort,
     HttpFrontendSettings,
+    PersistenceConfig,
     ServerConfig,
     load_config,
     resolve_agent,
@@ -46,10 +47,11 @@ from medlb.config import (
 )
 from medlb.errors import ConfigError, StartupError
 from medlb.io.frontend import Frontend, Listener, open_listener
-from medlb.io.http import HttpSettings
+from medlb.io.http import HttpPersistence, HttpSettings
 from medlb.io.runtime import Runtime
 from medlb.io.tls import ClientTls, client_tls, server_tls
 from medlb.model.backend import Backend, BackendPolicy
+from medlb.model.persistence import Persistence, StickTable
 from medlb.model.server import AdminState, Server
 from medlb.proto.http import Limits
 
@@ -180,6 +182,7 @@ class Supervisor:
                 runtime.checkers[server] = self._make_checker(config, b_cfg, s_cfg, server)
 
         runtime.backend_tls.update(backend_tls(config))
+        runtime.persistence.update(persistence_rules(config, {}))
         http = {f_cfg.name: http_settings(f_cfg) for f_cfg in config.frontends}
         for f_cfg in config.frontends:
             runtime.frontends[f_cfg.name] = self._make_frontend(loop, config, f_cfg, http[f_cfg.name])
@@ -200,6 +203,7 @@ class Supervisor:
             log_sessions=self.log_sessions,
         )
         frontend.backend_tls = self.runtime.backend_tls
+        frontend.persistence = self.runtime.persistence
         return frontend
 
     def _bind(self) -> None:
@@ -459,6 +463,9 @@ class Supervisor:
 
         runtime.backend_tls.clear()
         runtime.backend_tls.update(tls_to_servers)
+        rules = persistence_rules(new, {b.name: (b.persistence, runtime.persistence.get(b.name)) for b in old.backends})
+        runtime.persistence.clear()
+        runtime.persistence.update(rules)
         for change in deferred:
             change()
         runtime.prune()
@@ -639,6 +646,28 @@ def http_settings(f_cfg: FrontendConfig) -> HttpSettings | None:
         trusted=tuple(ipaddress.ip_network(n) for n in h.trusted_proxies),
         tls=server_tls(f_cfg.tls) if f_cfg.tls is not None else None,
     )
+
+
+def persistence_rules(
+    config: Config, previous: dict[str, tuple[PersistenceConfig | None, HttpPersistence | None]]
+) -> dict[str, HttpPersistence]:
+    """Persistence per backend; a rule whose config did not change keeps its stick table across a reload."""
+    rules: dict[str, HttpPersistence] = {}
+    for b in config.backends:
+        p = b.persistence
+        if p is None:
+            continue
+        old_cfg, old_rule = previous.get(b.name, (None, None))
+        if old_rule is not None and old_cfg == p:
+            rules[b.name] = old_rule
+            continue
+        table = StickTable(idle=p.timeout, size=p.table_size) if p.type != "cookie" else None
+        header = (p.header or "").lower().encode()
+        model = Persistence(
+            kind=p.type, backend=b.name, cookie_name=p.cookie.name.encode(), header_name=header, table=table
+        )
+        rules[b.name] = HttpPersistence(model, p.cookie)
+    return rules
 
 
 def backend_tls(config: Config) -> dict[str, ClientTls]:

@@ -18,7 +18,7 @@ from typing import Protocol
 
 from medlb.config import HostPort, ResolvedTimeouts
 from medlb.errors import StartupError
-from medlb.io.http import HttpSession, HttpSettings, Pools
+from medlb.io.http import HttpPersistence, HttpSession, HttpSettings, Pools
 from medlb.io.session import TcpSession
 from medlb.io.tls import ClientTls
 from medlb.model.backend import Backend
@@ -179,6 +179,8 @@ class Frontend:
         self.pools = Pools()
         #: TLS towards servers, by backend name (shared with the runtime, updated on reload).
         self.backend_tls: dict[str, ClientTls] = {}
+        #: Persistence rules, by backend name (shared with the runtime, updated on reload).
+        self.persistence: dict[str, HttpPersistence] = {}
         self.name = name
         self.backend = backend
         self.maxconn = maxconn

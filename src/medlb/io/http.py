@@ -41,7 +41,9 @@ from dataclasses import dataclass
 from ipaddress import IPv4Network, IPv6Network, ip_address
 from typing import TYPE_CHECKING, cast
 
+from medlb.config import CookieSettings
 from medlb.io.tls import ServerTls, subject_text
+from medlb.model.persistence import Persistence, honours
 from medlb.model.server import Server
 from medlb.proto.http import (
     DEFAULT_LIMITS,
@@ -118,6 +120,41 @@ class HttpSettings:
     @property
     def scheme(self) -> bytes:
         return b"https" if self.tls is not None else b"http"
+
+
+def _cookies(value: bytes) -> list[tuple[bytes, bytes]]:
+    out = []
+    for part in value.split(b";"):
+        name, sep, val = part.strip().partition(b"=")
+        if sep:
+            out.append((name, val))
+    return out
+
+
+def _without_cookie(value: bytes, name: bytes) -> bytes:
+    return b"; ".join(part.strip() for part in value.split(b";") if part.strip().partition(b"=")[0] != name)
+
+
+class HttpPersistence:
+    """The I/O side of a backend's persistence: the pure rule plus how its cookie looks."""
+
+    def __init__(self, model: Persistence, cookie: CookieSettings) -> None:
+        self.model = model
+        self.cookie_name = cookie.name.encode()
+        self.settings = cookie
+
+    def set_cookie(self, value: str, tls: bool) -> bytes:
+        s = self.settings
+        parts = [f"{s.name}={value}", "Path=/"]
+        if s.max_age > 0:
+            parts.append(f"Max-Age={int(s.max_age)}")
+        if s.httponly:
+            parts.append("HttpOnly")
+        secure = tls if s.secure is None else s.secure
+        if secure or s.samesite == "None":
+            parts.append("Secure")
+        parts.append(f"SameSite={s.samesite}")
+        return "; ".join(parts).encode()
 
 
 def _tls_reason(exc: BaseException) -> str:
@@ -299,6 +336,7 @@ class Stream:
         "bytes_out",
         "conn",
         "connect_task",
+        "cookie_seen",
         "excluded",
         "head",
         "key",
@@ -309,6 +347,7 @@ class Stream:
         "response_head",
         "server",
         "session",
+        "set_cookie",
         "t_connect",
         "t_response",
         "t_start",
@@ -332,6 +371,9 @@ class Stream:
         self.body_kept: list[bytes] | None = [] if head.method in IDEMPOTENT else None
         self.replayable = head.method in IDEMPOTENT
         self.waiting_body: list[Body | EndOfMessage] = []
+        #: Persistence: the cookie value the client sent, and the Set-Cookie to add, if any.
+        self.cookie_seen: str | None = None
+        self.set_cookie: bytes | None = None
         self.bytes_in = 0
         self.bytes_out = 0
         loop = session.loop
@@ -342,11 +384,47 @@ class Stream:
     # -- choosing a server ------------------------------------------------------------
 
     def start(self) -> None:
+        rule = self.session.frontend.persistence.get(self.backend.name)
+        if rule is not None:
+            pinned = self._pinned(rule)
+            if pinned is not None and honours(pinned):
+                self.backend.take(pinned)
+                self._use(pinned)
+                return
         server = self.backend.select(self.key, self.excluded)
         if server is None:
             self.session.no_server(self)
             return
         self._use(server)
+
+    def _pinned(self, rule: HttpPersistence) -> Server | None:
+        """The server this request is persisted to, if any (whatever its state)."""
+        servers = self.backend.servers
+        if rule.model.kind == "cookie":
+            value = self.session.cookie_value(self.head, rule.cookie_name)
+            self.cookie_seen = value
+            return rule.model.server_for_cookie(value, servers) if value else None
+        key = self.persist_key(rule)
+        return rule.model.server_for_key(key, servers, self.session.loop.time()) if key else None
+
+    def persist_key(self, rule: HttpPersistence) -> bytes | None:
+        if rule.model.kind == "source":
+            return self.session.client_ip.encode()
+        return self.head.header(rule.model.header_name)
+
+    def _stick(self, server: Server) -> None:
+        """Remember (or re-pin) the server this request really went to."""
+        rule = self.session.frontend.persistence.get(self.backend.name)
+        if rule is None:
+            return
+        if rule.model.kind == "cookie":
+            value = rule.model.cookie_for(server)
+            if value != self.cookie_seen:
+                self.set_cookie = rule.set_cookie(value, self.session.settings.tls is not None)
+            return
+        key = self.persist_key(rule)
+        if key:
+            rule.model.remember(key, server, self.session.loop.time())
 
     def _use(self, server: Server) -> None:
         self.server = server
@@ -442,6 +520,8 @@ class Stream:
         self.conn = conn
         conn.stream = self
         self.t_connect = self.session.loop.time()
+        if self.server is not None:
+            self._stick(self.server)
         conn.parser.expect(self.head.method)
         self.session.cork_conn(conn)
         conn.write(serialize_request_head(self.head, self.session.request_headers(self.head)))
@@ -837,10 +917,16 @@ class HttpSession(asyncio.Protocol):
         tls = settings.tls
         subject_header = tls.subject_header if tls is not None and tls.client_verify else None
         subject_lower = subject_header.lower() if subject_header else None
+        rule = self.frontend.persistence.get(self.backend.name)
+        ours = rule.cookie_name if rule is not None and rule.model.kind == "cookie" else None
         for name, value in head.headers:
             lower = name.lower()
             if lower in HOP_BY_HOP or lower == subject_lower:
                 continue  # hop-by-hop, or a forged client-certificate header
+            if ours is not None and lower == b"cookie":
+                value = _without_cookie(value, ours)
+                if not value:
+                    continue  # medlb's own cookie is not the server's business (insert indirect)
             if lower in _FORWARDED_NAMES:
                 if not keep_forwarded:
                     continue  # forged unless the peer is a trusted proxy
@@ -887,6 +973,8 @@ class HttpSession(asyncio.Protocol):
                 chunked = True
             else:
                 self.keep_alive = False  # HTTP/1.0: the body ends with the connection
+        if stream.set_cookie is not None:
+            headers.append((b"Set-Cookie", stream.set_cookie))
         if not self.keep_alive:
             headers.append((b"Connection", b"close"))
         elif stream.head.version == b"1.0":
@@ -899,6 +987,17 @@ class HttpSession(asyncio.Protocol):
             self.out.append(data)
         elif self.transport is not None and not self.closed:
             self.transport.write(data)
+
+    @staticmethod
+    def cookie_value(head: RequestHead, name: bytes) -> str | None:
+        """The value of cookie ``name`` in the request (the last one wins), if any."""
+        found: str | None = None
+        for header, value in head.headers:
+            if header.lower() == b"cookie":
+                for cname, cval in _cookies(value):
+                    if cname == name:
+                        found = cval.decode("latin-1")
+        return found
 
     def stream_done(self, stream: Stream) -> None:
         head = stream.response_head

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from medlb.checks.scheduler import ServerChecker
 from medlb.config import Config, ServerConfig
 from medlb.io.frontend import Frontend
-from medlb.io.http import HttpSession
+from medlb.io.http import HttpPersistence, HttpSession
 from medlb.io.session import TcpSession
 from medlb.io.tls import ClientTls
 from medlb.model.backend import Backend
@@ -50,6 +50,8 @@ class Runtime:
     reloads: int = 0
     #: TLS towards servers, by backend name; every frontend holds this same dict.
     backend_tls: dict[str, ClientTls] = field(default_factory=dict)
+    #: Persistence rules by backend name; every frontend holds this same dict.
+    persistence: dict[str, HttpPersistence] = field(default_factory=dict)
     _group: asyncio.TaskGroup | None = None
     _tasks: dict[Server, tuple[asyncio.Task[None], asyncio.Task[None]]] = field(default_factory=dict)
 
