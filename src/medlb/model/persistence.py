@@ -32,6 +32,15 @@ def cookie_value(backend: str, server: str) -> str:
     return hashlib.sha256(f"medlb-persist:{backend}/{server}".encode()).hexdigest()[:16]
 
 
+def _named(servers: list[Server], name: str | None) -> Server | None:
+    if name is None:
+        return None
+    for server in servers:
+        if server.name == name:
+            return server
+    return None
+
+
 def honours(server: Server) -> bool:
     """A pinned server still takes its clients: UP, not in MAINT, weight > 0, not at maxconn."""
     return server.is_up and server.admin_state is not AdminState.MAINT and server.weight > 0 and not server.full
@@ -98,22 +107,11 @@ class Persistence:
                     self._by_value[value] = server.name
                     name = server.name
                     break
-        if name is None:
-            return None
-        for server in servers:
-            if server.name == name:
-                return server
-        return None
+        return _named(servers, name)
 
     def server_for_key(self, key: bytes, servers: list[Server], now: float) -> Server | None:
         assert self.table is not None
-        name = self.table.get(key, now)
-        if name is None:
-            return None
-        for server in servers:
-            if server.name == name:
-                return server
-        return None
+        return _named(servers, self.table.get(key, now))
 
     def remember(self, key: bytes, server: Server, now: float) -> None:
         assert self.table is not None
