@@ -305,3 +305,82 @@ def test_curl_expect_100_continue(lab: Lab, tmp_path: Path) -> None:
     assert code == "200", result.stderr
     assert json.loads(body)["body"] == 2_000_000
     wait_until(lambda: any(r["path"] == "/stow" for r in lab.seen()))
+
+
+class UpgradeServer(ThreadingHTTPServer):
+    """Answers an Upgrade with 101 and then echoes raw bytes (a WebSocket-like tunnel);
+    refuses upgrades to ``refuse`` with 426 and a normal response."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self) -> None:
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                if self.headers.get("Upgrade") == "refuse":
+                    self.send_response(426)
+                    self.send_header("Content-Length", "7")
+                    self.end_headers()
+                    self.wfile.write(b"refused")
+                    return
+                if self.headers.get("Upgrade") != "echo" or "upgrade" not in self.headers.get("Connection", "").lower():
+                    body = b"plain"
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                    return
+                self.send_response(101)
+                self.send_header("Upgrade", "echo")
+                self.send_header("Connection", "Upgrade")
+                self.end_headers()
+                self.wfile.flush()
+                while data := self.connection.recv(65536):
+                    self.connection.sendall(data.upper())
+                self.close_connection = True
+
+        super().__init__(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+
+
+def test_upgrade_becomes_a_tunnel_and_a_refused_upgrade_stays_http(tmp_path: Path) -> None:
+    server = UpgradeServer()
+    port = free_port()
+    config = http_config(port, [])
+    config["backends"][0]["servers"] = [{"name": "ws", "address": f"127.0.0.1:{server.server_address[1]}"}]
+    try:
+        with running_medlb(config, tmp_path) as lb:
+            lb.wait_for_log("viewers/ws op_state DOWN -> UP")
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+                sock.sendall(b"GET /live HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\nearly")
+                got = b""
+                while b"EARLY" not in got:
+                    got += sock.recv(4096)
+                assert got.startswith(b"HTTP/1.1 101 ")
+                for word in (b"ping", b"x" * 100_000):
+                    sock.sendall(word)
+                    back = b""
+                    while len(back) < len(word):
+                        back += sock.recv(65536)
+                    assert back == word.upper()
+            lb.wait_for_log("status=101")
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+                sock.sendall(
+                    b"GET /live HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: refuse\r\n\r\n"
+                    b"GET /after HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+                )
+                out = b""
+                while chunk := sock.recv(65536):
+                    out += chunk
+                assert out.startswith(b"HTTP/1.1 426 ") and b"refused" in out
+                assert b"HTTP/1.1 200 " in out and out.endswith(b"plain")
+            out = Lab(lb, port, []).raw(b"CONNECT example.org:443 HTTP/1.1\r\nHost: example.org:443\r\n\r\n")
+            assert out.startswith(b"HTTP/1.1 501 ")
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -228,6 +228,8 @@ class ServerConn(asyncio.Protocol):
         #: Corked output: writes made while one batch of client bytes is processed go
         #: out in one send (head and body of a small request in one segment).
         self.out: list[bytes] | None = None
+        #: After a 101: raw bytes both ways, no parsing.
+        self.tunnel = False
 
     def write(self, data: bytes) -> None:
         if self.out is not None:
@@ -257,6 +259,9 @@ class ServerConn(asyncio.Protocol):
             # Bytes from an idle server (a late 408, garbage): the connection cannot be trusted.
             self.close()
             return
+        if self.tunnel:
+            stream.tunnel_from_server(data)
+            return
         try:
             events = self.parser.feed(data)
         except HttpError as exc:
@@ -267,14 +272,17 @@ class ServerConn(asyncio.Protocol):
         try:
             for event in events:
                 stream.on_response_event(event)
-                if self.stream is not stream:
-                    break
+                if self.stream is not stream or self.tunnel:
+                    break  # the stream ended, or became a tunnel (the 101's end event is moot)
         finally:
             if corked:
                 session.uncork()
 
     def eof_received(self) -> bool | None:
         stream = self.stream
+        if stream is not None and self.tunnel:
+            stream.tunnel_closed("server_close")
+            return None
         if stream is not None:
             try:
                 events = self.parser.feed_eof()
@@ -291,6 +299,9 @@ class ServerConn(asyncio.Protocol):
         stream = self.stream
         if stream is not None:
             self.stream = None
+            if self.tunnel:
+                stream.tunnel_closed("server_reset" if exc else "server_close")
+                return
             stream.server_failed("server_reset" if exc else "server_close")
 
     def pause_writing(self) -> None:
@@ -583,8 +594,10 @@ class Stream:
         if isinstance(event, ResponseHead):
             if 100 <= event.status < 200:
                 if event.status == 101:
-                    # Upgrades are not tunnelled yet: the request was sent without Upgrade.
-                    self.server_failed("unexpected_101", bad_response=True)
+                    if not self.head.upgrade:
+                        self.server_failed("unexpected_101", bad_response=True)
+                        return
+                    self._become_tunnel(event)
                     return
                 session.write(serialize_response_head(event, event.headers))
                 self._arm_response_timer()
@@ -606,12 +619,83 @@ class Stream:
             session.write(encode_trailers(event.trailers))
         self._finish()
 
+    def _become_tunnel(self, head: ResponseHead) -> None:
+        """The server accepted the upgrade (WebSocket...): relay raw bytes both ways from now on.
+
+        The stream stays in flight for the tunnel's whole life, so the server's slot
+        (``leastconn``, ``maxconn``) counts it, and ``shutdown-sessions`` finds it.
+        """
+        conn = self.conn
+        assert conn is not None
+        session = self.session
+        self.response_head = head
+        self.t_response = session.loop.time()
+        self.body_kept = None
+        session.write(serialize_response_head(head, head.headers))
+        conn.tunnel = True
+        session.tunnel = self
+        leftover = conn.parser.take_remainder()
+        if leftover:
+            self.bytes_out += len(leftover)
+            session.write(leftover)
+        early = session.parser.take_remainder()
+        if early:
+            self.bytes_in += len(early)
+            conn.write(early)
+        # A tunnel is idle-timed like a TCP session: the longer of the client/server timeouts.
+        timeouts = session.frontend.timeouts
+        session.arm(max(timeouts.client, timeouts.server), self._tunnel_idle)
+
+    def tunnel_from_client(self, data: bytes) -> None:
+        if self.conn is not None:
+            self.bytes_in += len(data)
+            self.conn.write(data)
+            self._tunnel_alive()
+
+    def tunnel_from_server(self, data: bytes) -> None:
+        self.bytes_out += len(data)
+        self.session.write(data)
+        self._tunnel_alive()
+
+    def _tunnel_alive(self) -> None:
+        timeouts = self.session.frontend.timeouts
+        self.session.arm(max(timeouts.client, timeouts.server), self._tunnel_idle)
+
+    def _tunnel_idle(self) -> None:
+        if self.session.stream is self:
+            self.session.abort_stream(self, "tunnel_idle_timeout")
+
+    def tunnel_closed(self, cause: str) -> None:
+        """One side of the tunnel ended: end the other, and the stream."""
+        conn, server = self.conn, self.server
+        self.conn = None
+        if conn is not None:
+            conn.stream = None
+            conn.close()
+        if server is not None:
+            server.bytes_in += self.bytes_in
+            server.bytes_out += self.bytes_out
+            self.backend.release(server)
+            self.server = None
+        session = self.session
+        session._log(self, 101, cause)
+        session.stream = None
+        session.tunnel = None
+        session.close()
+
     def _finish(self) -> None:
         conn, server = self.conn, self.server
         self.conn = None
         head = self.response_head
         # An HTTP/1.0 request went out as 1.0 (without keep-alive): the server closes after it.
-        reusable = bool(head is not None and head.keep_alive and self.request_done and self.head.version == b"1.1")
+        # A refused upgrade leaves the server's state uncertain: that connection is not reused.
+        reusable = bool(
+            head is not None
+            and head.keep_alive
+            and self.request_done
+            and self.head.version == b"1.1"
+            and not self.head.upgrade
+        )
         if conn is not None:
             conn.release(reusable)
         if server is not None:
@@ -731,6 +815,8 @@ class HttpSession(asyncio.Protocol):
         self.corked: list[ServerConn] | None = None
         #: The verified client certificate's subject (mTLS), passed to servers in a header.
         self.client_subject = b""
+        #: The stream whose upgrade the server accepted: raw relay from then on.
+        self.tunnel: Stream | None = None
 
     @property
     def server(self) -> Server | None:
@@ -780,6 +866,9 @@ class HttpSession(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closed:
             return
+        if self.tunnel is not None:
+            self.tunnel.tunnel_from_client(data)
+            return
         if self.stream is None and not self.pending:
             # A new request begins: the header timeout runs until its head is parsed.
             self.arm(self.settings.header_timeout, self._header_timeout)
@@ -821,6 +910,9 @@ class HttpSession(asyncio.Protocol):
     def eof_received(self) -> bool | None:
         # A client half-close: finish the stream in flight, then close. A request cut
         # by the close is an error, and one already forwarded is aborted, never completed.
+        if self.tunnel is not None:
+            self.tunnel.tunnel_closed("client_close")
+            return None
         self.keep_alive = False
         try:
             events = self.parser.feed_eof()
@@ -901,8 +993,8 @@ class HttpSession(asyncio.Protocol):
         self.on_deadline = None
         if not head.keep_alive:
             self.keep_alive = False
-        if head.upgrade:
-            self._reject(501, "protocol upgrade is not supported yet")
+        if head.method == b"CONNECT":
+            self._reject(501, "CONNECT is not supported by a reverse proxy")
             return
         stream = Stream(self, head)
         self.stream = stream
@@ -952,6 +1044,11 @@ class HttpSession(asyncio.Protocol):
                 element += b';host="' + head.host.replace(b'"', b"") + b'"'
             prior = head.header(b"forwarded") if keep_forwarded else None
             headers.append((b"Forwarded", element if prior is None else prior + b", " + element))
+        if head.upgrade:
+            upgrade = head.header(b"upgrade")
+            if upgrade is not None:
+                headers.append((b"Connection", b"upgrade"))
+                headers.append((b"Upgrade", upgrade))
         if subject_header is not None and self.client_subject:
             headers.append((subject_header, self.client_subject))
         if head.chunked:
@@ -1009,6 +1106,14 @@ class HttpSession(asyncio.Protocol):
             self.close()
             return
         self.arm(self.settings.keepalive_timeout, self._keepalive_timeout)
+        if stream.head.upgrade:
+            # The server refused the upgrade with a normal response: the bytes the
+            # client sent after its request are HTTP again.
+            try:
+                self.pending.extend(self.parser.resume())
+            except HttpError as exc:
+                self._reject(exc.status, exc.reason)
+                return
         self._advance()
 
     def no_server(self, stream: Stream) -> None:
