@@ -173,4 +173,3 @@ def test_corpus_case_through_medlb(case: Case, corpus_lab: tuple[RecordingServer
     head, body, trailers = seen[0]
     assert (head.method, head.target, body) == (expect.method, expect.target, expect.body)
     assert tuple(trailers) == expect.trailers
-
