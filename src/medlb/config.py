@@ -333,6 +333,61 @@ class BackendTls(_Strict):
     pin_sha256: list[Annotated[str, Field(pattern=r"^[0-9a-fA-F:]{64,95}$")]] = []
 
 
+HeaderName = Annotated[str, Field(pattern=r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,128}$")]
+HeaderValue = Annotated[str, Field(pattern=r"^[^\x00-\x08\x0a-\x1f\x7f]{0,4096}$")]
+
+
+class HeaderOps(_Strict):
+    """Header changes, applied in the order delete, set, add."""
+
+    delete: list[HeaderName] = []
+    set: dict[HeaderName, HeaderValue] = {}
+    add: dict[HeaderName, HeaderValue] = {}
+
+
+class RuleMatch(_Strict):
+    """Conditions of a rule; all given ones must hold."""
+
+    host: list[Annotated[str, Field(pattern=r"^(\*\.)?[A-Za-z0-9_.:-]{1,260}$")]] | None = None
+    path_prefix: list[Annotated[str, Field(pattern=r"^/")]] | None = None
+    path_regex: str | None = None
+    method: list[Annotated[str, Field(pattern=r"^[A-Z]{1,16}$")]] | None = None
+    header: dict[HeaderName, str] | None = None  # name -> regex the value must match ("" = present)
+    tls: bool | None = None
+
+
+class Redirect(_Strict):
+    """Answer with a redirect instead of forwarding. ``location`` may use {host}, {path}, {query}."""
+
+    location: str | None = None
+    scheme: Literal["https", "http"] | None = None
+    code: Literal[301, 302, 303, 307, 308] = 301
+
+
+class PathRewrite(_Strict):
+    strip_prefix: Annotated[str, Field(pattern=r"^/")] | None = None
+    add_prefix: Annotated[str, Field(pattern=r"^/")] | None = None
+
+
+class HttpRule(_Strict):
+    """One routing rule: the first whose ``if`` matches applies its actions, then evaluation stops."""
+
+    if_: RuleMatch = Field(default=RuleMatch(), alias="if")
+    use_backend: Name | None = None
+    redirect: Redirect | None = None
+    path: PathRewrite | None = None
+    request_headers: HeaderOps | None = None
+    response_headers: HeaderOps | None = None
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class Hsts(_Strict):
+    max_age: Duration = 31536000.0
+    include_subdomains: bool = False
+    preload: bool = False
+
+
 class FrontendConfig(_Strict):
     name: Name
     mode: Literal["tcp", "http"] = "tcp"
@@ -343,6 +398,10 @@ class FrontendConfig(_Strict):
     timeouts: FrontendTimeouts = FrontendTimeouts()
     http: HttpFrontendSettings | None = None
     tls: FrontendTls | None = None
+    rules: list[HttpRule] = []
+    request_headers: HeaderOps | None = None
+    response_headers: HeaderOps | None = None
+    hsts: Hsts | None = None
 
 
 class GlobalConfig(_Strict):
@@ -491,9 +550,28 @@ def _semantic_issues(raw: Mapping[str, Any]) -> list[ConfigIssue]:
     for f_index, frontend in enumerate(frontends if isinstance(frontends, list) else []):
         if not isinstance(frontend, dict):
             continue
-        for key in ("http", "tls"):
-            if frontend.get(key) is not None and frontend.get("mode", "tcp") != "http":
+        for key in ("http", "tls", "rules", "request_headers", "response_headers", "hsts"):
+            if frontend.get(key) and frontend.get("mode", "tcp") != "http":
                 issues.append(ConfigIssue(f"frontends[{f_index}].{key}", "only valid with mode: http (for now)"))
+        rules = frontend.get("rules")
+        for r_index, rule in enumerate(rules if isinstance(rules, list) else []):
+            if not isinstance(rule, dict):
+                continue
+            where = f"frontends[{f_index}].rules[{r_index}]"
+            target = rule.get("use_backend")
+            if isinstance(target, str) and target not in backend_names:
+                issues.append(ConfigIssue(f"{where}.use_backend", f"backend {target!r} does not exist"))
+            if rule.get("use_backend") and rule.get("redirect"):
+                issues.append(ConfigIssue(where, "a rule either forwards (use_backend) or redirects, not both"))
+            redirect = rule.get("redirect")
+            if isinstance(redirect, dict) and not (redirect.get("location") or redirect.get("scheme")):
+                issues.append(ConfigIssue(f"{where}.redirect", "needs location or scheme"))
+            match = rule.get("if")
+            for pattern_where, pattern in _patterns(match):
+                try:
+                    re.compile(pattern)
+                except re.error as exc:
+                    issues.append(ConfigIssue(f"{where}.if.{pattern_where}", f"invalid regular expression: {exc}"))
         target = frontend.get("default_backend")
         if isinstance(target, str) and target not in backend_names:
             issues.append(ConfigIssue(f"frontends[{f_index}].default_backend", f"backend {target!r} does not exist"))
@@ -558,6 +636,18 @@ def _semantic_issues(raw: Mapping[str, Any]) -> list[ConfigIssue]:
         if email.get("username") and not has_password:
             issues.append(ConfigIssue("alerts.email.password_file", "a username needs password_file or password_env"))
     return issues
+
+
+def _patterns(match: object) -> list[tuple[str, str]]:
+    if not isinstance(match, dict):
+        return []
+    out: list[tuple[str, str]] = []
+    if isinstance(match.get("path_regex"), str):
+        out.append(("path_regex", match["path_regex"]))
+    headers = match.get("header")
+    if isinstance(headers, dict):
+        out += [(f"header.{k}", v) for k, v in headers.items() if isinstance(v, str)]
+    return out
 
 
 def parse_config(raw: object, source: str = "") -> Config:

@@ -50,6 +50,7 @@ from medlb.io.frontend import Frontend, Listener, open_listener
 from medlb.io.http import HttpPersistence, HttpSettings
 from medlb.io.runtime import Runtime
 from medlb.io.tls import ClientTls, client_tls, server_tls
+from medlb.layers.http_rules import Router
 from medlb.model.backend import Backend, BackendPolicy
 from medlb.model.persistence import Persistence, StickTable
 from medlb.model.server import AdminState, Server
@@ -204,6 +205,7 @@ class Supervisor:
         )
         frontend.backend_tls = self.runtime.backend_tls
         frontend.persistence = self.runtime.persistence
+        frontend.backends = self.runtime.backends
         return frontend
 
     def _bind(self) -> None:
@@ -645,6 +647,7 @@ def http_settings(f_cfg: FrontendConfig) -> HttpSettings | None:
         forwarded=fwd.forwarded,
         trusted=tuple(ipaddress.ip_network(n) for n in h.trusted_proxies),
         tls=server_tls(f_cfg.tls) if f_cfg.tls is not None else None,
+        router=Router.compile(f_cfg),
     )
 
 

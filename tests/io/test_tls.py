@@ -318,3 +318,19 @@ def test_re_encryption_verifies_the_server(pki: Pki, tmp_path: Path, tls: dict[s
                 lb.wait_for_log("connect to viewers/secure failed")
     finally:
         backend.stop()
+
+
+def test_hsts_on_tls_responses(pki: Pki, tmp_path: Path) -> None:
+    recorder = Recorder("a")
+    port = free_port()
+    config = http_config(port, [recorder])
+    config["frontends"][0]["tls"] = tls_frontend(pki)
+    config["frontends"][0]["hsts"] = {"max_age": "180d", "include_subdomains": True}
+    try:
+        with running_medlb(config, tmp_path) as lb:
+            lb.wait_for_log("viewers/a op_state DOWN -> UP")
+            with _client(pki, "pacs.example", port) as sock:
+                out = _get(sock, "pacs.example")
+            assert b"\r\nStrict-Transport-Security: max-age=15552000; includeSubDomains\r\n" in out
+    finally:
+        recorder.stop()

@@ -179,6 +179,8 @@ class Frontend:
         self.pools = Pools()
         #: TLS towards servers, by backend name (shared with the runtime, updated on reload).
         self.backend_tls: dict[str, ClientTls] = {}
+        #: Every backend by name, for routing rules (the runtime's own dict, so reloads show).
+        self.backends: dict[str, Backend] = {backend.name: backend}
         #: Persistence rules, by backend name (shared with the runtime, updated on reload).
         self.persistence: dict[str, HttpPersistence] = {}
         self.name = name

@@ -37,12 +37,13 @@ import logging
 import socket
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from ipaddress import IPv4Network, IPv6Network, ip_address
 from typing import TYPE_CHECKING, cast
 
 from medlb.config import CookieSettings
 from medlb.io.tls import ServerTls, subject_text
+from medlb.layers.http_rules import DEFAULT, NO_RULES, Decision, Router
 from medlb.model.persistence import Persistence, honours
 from medlb.model.server import Server
 from medlb.proto.http import (
@@ -116,6 +117,7 @@ class HttpSettings:
     forwarded: bool = False
     trusted: tuple[IPv4Network | IPv6Network, ...] = ()
     tls: ServerTls | None = None
+    router: Router = NO_RULES
 
     @property
     def scheme(self) -> bytes:
@@ -348,6 +350,7 @@ class Stream:
         "conn",
         "connect_task",
         "cookie_seen",
+        "decision",
         "excluded",
         "head",
         "key",
@@ -365,10 +368,11 @@ class Stream:
         "waiting_body",
     )
 
-    def __init__(self, session: HttpSession, head: RequestHead) -> None:
+    def __init__(self, session: HttpSession, head: RequestHead, backend: Backend, decision: Decision) -> None:
         self.session = session
         self.head = head
-        self.backend: Backend = session.frontend.backend
+        self.decision = decision
+        self.backend: Backend = backend
         self.server: Server | None = None
         self.conn: ServerConn | None = None
         self.connect_task: asyncio.Task[None] | None = None
@@ -535,7 +539,10 @@ class Stream:
             self._stick(self.server)
         conn.parser.expect(self.head.method)
         self.session.cork_conn(conn)
-        conn.write(serialize_request_head(self.head, self.session.request_headers(self.head)))
+        head = self.head
+        if self.decision.target is not None:
+            head = replace(head, target=self.decision.target)
+        conn.write(serialize_request_head(head, self.session.request_headers(self.head, self.decision)))
         self.request_sent = True
         replay = self.body_kept if self.attempts > 1 else None
         if replay:
@@ -996,11 +1003,62 @@ class HttpSession(asyncio.Protocol):
         if head.method == b"CONNECT":
             self._reject(501, "CONNECT is not supported by a reverse proxy")
             return
-        stream = Stream(self, head)
+        decision = self.settings.router.decide(head, self.settings.tls is not None)
+        if decision.redirect is not None:
+            self._redirect(head, decision)
+            return
+        backend = self.frontend.backend
+        if decision.backend is not None:
+            routed = self.frontend.backends.get(decision.backend)
+            if routed is None:  # removed by a reload between config and request: refuse clearly
+                self._reject(503, f"backend {decision.backend} is not configured")
+                return
+            backend = routed
+        stream = Stream(self, head, backend, decision)
         self.stream = stream
         stream.start()
 
-    def request_headers(self, head: RequestHead) -> list[tuple[bytes, bytes]]:
+    def _redirect(self, head: RequestHead, decision: Decision) -> None:
+        """Answer a redirect rule; the connection stays open unless the request carried a body."""
+        assert decision.redirect is not None
+        status, location = decision.redirect
+        has_body = head.chunked or bool(head.content_length)
+        if has_body:
+            self.keep_alive = False  # its body is not forwarded anywhere; do not try to frame past it
+        headers = [(b"Location", location), (b"Content-Length", b"0")]
+        for edit in decision.response_edits:
+            headers = edit.apply(headers)
+        if decision.hsts is not None:
+            headers.append((b"Strict-Transport-Security", decision.hsts))
+        if not self.keep_alive:
+            headers.append((b"Connection", b"close"))
+        reason = {301: b"Moved Permanently", 302: b"Found", 303: b"See Other", 307: b"Temporary Redirect"}
+        self.write(
+            b"HTTP/1.1 %d %s\r\n" % (status, reason.get(status, b"Permanent Redirect"))
+            + b"".join(n + b": " + v + b"\r\n" for n, v in headers)
+            + b"\r\n"
+        )
+        if log.isEnabledFor(logging.INFO) and self.frontend.log_sessions:
+            log.info(
+                'http client=%s:%d frontend=%s "%s %s HTTP/%s" status=%d redirect=%s',
+                self.client_ip,
+                self.client_port,
+                self.frontend.name,
+                head.method.decode("latin-1"),
+                head.target.decode("latin-1")[:512],
+                head.version.decode("latin-1"),
+                status,
+                location.decode("latin-1")[:512],
+            )
+        if not self.keep_alive:
+            self.close()
+            return
+        # Drop this request's (empty) end event, then go on with the next request.
+        while self.pending and not isinstance(self.pending[0], RequestHead):
+            self.pending.popleft()
+        self.arm(self.settings.keepalive_timeout, self._keepalive_timeout)
+
+    def request_headers(self, head: RequestHead, decision: Decision = DEFAULT) -> list[tuple[bytes, bytes]]:
         """The head sent to the server: hop-by-hop removed, forwarding headers set, framing fixed."""
         settings = self.settings
         keep_forwarded = self.trusted_peer
@@ -1044,6 +1102,9 @@ class HttpSession(asyncio.Protocol):
                 element += b';host="' + head.host.replace(b'"', b"") + b'"'
             prior = head.header(b"forwarded") if keep_forwarded else None
             headers.append((b"Forwarded", element if prior is None else prior + b", " + element))
+        for edit in decision.request_edits:
+            # Rules may change any header but the framing and connection ones, which medlb owns.
+            headers = [(n, v) for n, v in edit.apply(headers) if n.lower() not in HOP_BY_HOP]
         if head.upgrade:
             upgrade = head.header(b"upgrade")
             if upgrade is not None:
@@ -1060,6 +1121,12 @@ class HttpSession(asyncio.Protocol):
     def write_response_head(self, stream: Stream, head: ResponseHead) -> bool:
         """Send the response head to the client; return True when the body must be chunk-encoded."""
         headers = [(n, v) for n, v in head.headers if n.lower() not in HOP_BY_HOP]
+        decision = stream.decision
+        for edit in decision.response_edits:
+            headers = [(n, v) for n, v in edit.apply(headers) if n.lower() not in HOP_BY_HOP]
+        if decision.hsts is not None:
+            headers = [(n, v) for n, v in headers if n.lower() != b"strict-transport-security"]
+            headers.append((b"Strict-Transport-Security", decision.hsts))
         chunked = False
         no_body = stream.head.method == b"HEAD" or head.status in (204, 304) or 100 <= head.status < 200
         if head.content_length is not None and not head.chunked:

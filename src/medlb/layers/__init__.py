@@ -1,0 +1,1 @@
+"""Sans-IO proxy decisions (ring 3): events in, decisions out."""
