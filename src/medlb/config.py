@@ -265,6 +265,7 @@ class HttpFrontendSettings(_Strict):
     max_uri: Annotated[int, Field(ge=256, le=1 << 20)] = 8192
     max_body: Annotated[int, Field(ge=0)] = 0
     header_timeout: Duration = 10.0
+    body_timeout: Duration = 30.0
     keepalive_timeout: Duration = 60.0
     retry_after: Duration = 5.0
     forwarded_headers: ForwardedHeaders = ForwardedHeaders()

@@ -639,6 +639,7 @@ def http_settings(f_cfg: FrontendConfig) -> HttpSettings | None:
             max_header_bytes=h.max_header_size, max_headers=h.max_headers, max_uri=h.max_uri, max_body=h.max_body
         ),
         header_timeout=h.header_timeout,
+        body_timeout=h.body_timeout,
         keepalive_timeout=h.keepalive_timeout,
         retry_after=max(int(h.retry_after), 0),
         xff=fwd.x_forwarded_for,

@@ -384,3 +384,33 @@ def test_upgrade_becomes_a_tunnel_and_a_refused_upgrade_stays_http(tmp_path: Pat
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_slow_clients_get_408(tmp_path: Path) -> None:
+    recorder = Recorder("a")
+    port = free_port()
+    config = http_config(port, [recorder], header_timeout="500ms", body_timeout="500ms")
+    try:
+        with running_medlb(config, tmp_path) as lb:
+            lb.wait_for_log("viewers/a op_state DOWN -> UP")
+            # Slowloris: a head that trickles in never completes within header_timeout.
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+                started = time.monotonic()
+                sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")
+                for _ in range(3):
+                    time.sleep(0.2)
+                    try:
+                        sock.sendall(b"X-Slow: 1\r\n")
+                    except OSError:
+                        break
+                out = sock.recv(4096)
+                assert out.startswith(b"HTTP/1.1 408 ") and time.monotonic() - started < 3
+            # A body that stops arriving: 408, and the server never sees a complete request.
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+                sock.sendall(b"POST /stow HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n" + b"x" * 10)
+                out = sock.recv(4096)
+                assert out.startswith(b"HTTP/1.1 408 ") and b"request_body_timeout" in out
+            assert recorder.requests == []
+            lb.wait_for_log("term=request_body_timeout")
+    finally:
+        recorder.stop()

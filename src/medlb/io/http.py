@@ -109,6 +109,7 @@ class HttpSettings:
 
     limits: Limits = DEFAULT_LIMITS
     header_timeout: float = 10.0
+    body_timeout: float = 30.0
     keepalive_timeout: float = 60.0
     retry_after: int = 5
     xff: bool = True
@@ -444,7 +445,9 @@ class Stream:
     def _use(self, server: Server) -> None:
         self.server = server
         self.attempts += 1
-        conn = self.session.frontend_pools.pool(server).get()
+        # A pooled connection may be closed by the server at the very moment it is reused;
+        # only a request that may be replayed takes that risk (HAProxy's "http-reuse safe").
+        conn = self.session.frontend_pools.pool(server).get() if self.replayable else None
         if conn is not None:
             self._attach(conn)
             return
@@ -551,7 +554,23 @@ class Stream:
         for event in self.waiting_body:
             self._send_body(event)
         self.waiting_body.clear()
-        self._arm_response_timer()
+        if self.request_done:
+            self._arm_response_timer()
+        else:
+            self.arm_body_timer()
+
+    def arm_body_timer(self) -> None:
+        """A request body on its way: the client must keep sending (``http.body_timeout``)."""
+        self.session.arm(self.session.settings.body_timeout, self._body_timeout)
+
+    def _body_timeout(self) -> None:
+        if self.session.stream is not self or self.request_done:
+            return
+        if self.response_head is None:
+            self._drop_conn()
+            self.session.fail_stream(self, 408, "request_body_timeout")
+        else:
+            self.session.abort_stream(self, "request_body_timeout")
 
     def on_request_event(self, event: Body | EndOfMessage) -> None:
         if self.conn is None:
@@ -576,6 +595,8 @@ class Stream:
             conn.write(data)
         else:
             self.request_done = True
+            if self.response_head is None:
+                self._arm_response_timer()  # the whole request is out: now the server has the floor
             if head.chunked:
                 last = encode_trailers(event.trailers)
                 conn.write(last)
@@ -824,6 +845,8 @@ class HttpSession(asyncio.Protocol):
         self.client_subject = b""
         #: The stream whose upgrade the server accepted: raw relay from then on.
         self.tunnel: Stream | None = None
+        #: Bytes of a request head have arrived and its head is not complete yet.
+        self.head_started = False
 
     @property
     def server(self) -> Server | None:
@@ -876,9 +899,14 @@ class HttpSession(asyncio.Protocol):
         if self.tunnel is not None:
             self.tunnel.tunnel_from_client(data)
             return
-        if self.stream is None and not self.pending:
+        stream = self.stream
+        if stream is None and not self.pending:
             # A new request begins: the header timeout runs until its head is parsed.
-            self.arm(self.settings.header_timeout, self._header_timeout)
+            if not self.head_started:
+                self.head_started = True
+                self.arm(self.settings.header_timeout, self._header_timeout)
+        elif stream is not None and not stream.request_done and stream.conn is not None:
+            stream.arm_body_timer()  # the upload is alive
         try:
             events = self.parser.feed(data)
         except HttpError as exc:
@@ -997,6 +1025,7 @@ class HttpSession(asyncio.Protocol):
 
     def _start(self, head: RequestHead) -> None:
         self.requests += 1
+        self.head_started = False
         self.on_deadline = None
         if not head.keep_alive:
             self.keep_alive = False
@@ -1223,17 +1252,10 @@ class HttpSession(asyncio.Protocol):
 
     def _header_timeout(self) -> None:
         if self.stream is None:
-            if self.parser_started():
+            if self.head_started:
                 self._reject(408, "request header timeout")
             else:
-                self.close()
-
-    def parser_started(self) -> bool:
-        return bool(self.pending) or self.parser_has_partial()
-
-    def parser_has_partial(self) -> bool:
-        has = getattr(self.parser, "has_partial", None)
-        return bool(has()) if callable(has) else False
+                self.close()  # an idle connection that never sent a byte: close quietly
 
     def drain(self) -> None:
         """Graceful stop: close now if idle, else after the stream in flight."""
