@@ -2,7 +2,7 @@
 # Install the Debian packages medlb's tests and benchmarks use, only when missing.
 # Real peers, never mocks: HAProxy is the balancer to beat, iperf3/wrk/nginx load
 # and serve the benchmarks, Chromium runs the dashboard test. Later modes add their peers
-# (dcmtk, orthanc, ...) here.
+# (dcmtk, ...) here. Orthanc with its DICOMweb plugin is the real DICOMweb server behind medlb.
 set -euo pipefail
 
 # binary -> Debian package
@@ -16,6 +16,7 @@ declare -A NEED=(
   [chromium]="chromium fonts-dejavu-core"
   [curl]=curl
   [openssl]=openssl
+  [Orthanc]="orthanc orthanc-dicomweb"
 )
 
 missing=()
@@ -41,7 +42,7 @@ export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
 apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 # Debian starts nginx and haproxy as services on install; the tests run their own.
-for svc in nginx haproxy; do
+for svc in nginx haproxy orthanc; do
   if command -v systemctl >/dev/null 2>&1; then systemctl stop "$svc" >/dev/null 2>&1 || true; fi
   if command -v service >/dev/null 2>&1; then service "$svc" stop >/dev/null 2>&1 || true; fi
 done

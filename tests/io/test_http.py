@@ -52,10 +52,18 @@ class Recorder(ThreadingHTTPServer):
                         out += self.rfile.read(size)
                         self.rfile.readline()
                 length = int(self.headers.get("Content-Length") or 0)
-                return self.rfile.read(length) if length else b""
+                data = self.rfile.read(length) if length else b""
+                if len(data) < length:
+                    # The connection was cut mid-body: this request never arrived whole.
+                    raise ConnectionError("request body cut short")
+                return data
 
             def _handle(self) -> None:
-                body = self._body() if self.command != "HEAD" else b""
+                try:
+                    body = self._body() if self.command != "HEAD" else b""
+                except (ConnectionError, ValueError):
+                    self.close_connection = True
+                    return
                 record = {
                     "method": self.command,
                     "path": self.path,
@@ -414,3 +422,49 @@ def test_slow_clients_get_408(tmp_path: Path) -> None:
             lb.wait_for_log("term=request_body_timeout")
     finally:
         recorder.stop()
+
+
+class HalfAnswer(ThreadingHTTPServer):
+    """Sends a 200 head and part of its body, then resets: a server dying mid-response."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self) -> None:
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\nX-Server: half\r\n\r\npartial")
+                self.wfile.flush()
+                self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+                self.connection.close()
+                self.close_connection = True
+
+        super().__init__(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+
+
+def test_a_small_get_answer_cut_half_way_is_retried_not_delivered_broken(tmp_path: Path) -> None:
+    good, half = Recorder("good"), HalfAnswer()
+    port = free_port()
+    config = http_config(port, [good])
+    config["backends"][0]["servers"].append({"name": "half", "address": f"127.0.0.1:{half.server_address[1]}"})
+    try:
+        with running_medlb(config, tmp_path) as lb:
+            lb.wait_for_log("viewers/half op_state DOWN -> UP")
+            lb.wait_for_log("viewers/good op_state DOWN -> UP")
+            for n in range(6):
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+                conn.request("GET", f"/study/{n}")
+                response = conn.getresponse()
+                assert response.status == 200 and json.loads(response.read())["server"] == "good"
+                conn.close()
+            lb.wait_for_log("before the response; retrying GET elsewhere")
+    finally:
+        good.stop()
+        half.shutdown()
+        half.server_close()

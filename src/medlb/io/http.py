@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import socket
 from collections import deque
 from collections.abc import Callable
@@ -72,6 +73,8 @@ IDEMPOTENT = frozenset({b"GET", b"HEAD", b"PUT", b"DELETE", b"OPTIONS", b"TRACE"
 #: Request bodies up to this size are kept until the response starts, so an
 #: idempotent request can be replayed on another server after a reset.
 REPLAY_LIMIT = 64 * 1024
+#: Responses up to this size to replayable requests are held until complete (see Stream).
+HOLD_LIMIT = 64 * 1024
 #: Parsed-but-waiting pipelined events before the client is paused.
 PIPELINE_EVENTS = 64
 #: Idle keep-alive connections kept per server.
@@ -88,6 +91,7 @@ HOP_BY_HOP = frozenset(
         b"content-length",
     }
 )
+_TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _FORWARDED_NAMES = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"forwarded"})
 _REASONS = {
     400: b"Bad Request",
@@ -354,6 +358,7 @@ class Stream:
         "decision",
         "excluded",
         "head",
+        "held",
         "key",
         "replayable",
         "request_done",
@@ -390,6 +395,8 @@ class Stream:
         #: Persistence: the cookie value the client sent, and the Set-Cookie to add, if any.
         self.cookie_seen: str | None = None
         self.set_cookie: bytes | None = None
+        #: A complete small response being collected before the client sees any of it.
+        self.held: list[ResponseHead | Body | EndOfMessage] | None = None
         self.bytes_in = 0
         self.bytes_out = 0
         loop = session.loop
@@ -630,11 +637,25 @@ class Stream:
                 session.write(serialize_response_head(event, event.headers))
                 self._arm_response_timer()
                 return
-            self.response_head = event
             self.t_response = session.loop.time()
-            self.body_kept = None  # a response has begun: never replay now
-            self.response_chunked = session.write_response_head(self, event)
-            self._arm_response_timer()
+            if self._may_hold(event):
+                # A small answer to a replayable request is held until complete: if the
+                # server dies half-way, the request is retried elsewhere and the client
+                # never sees the broken half (zero failed idempotent requests).
+                self.held = [event]
+                self._arm_response_timer()
+                return
+            self._begin_response(event)
+            return
+        if self.held is not None:
+            self.held.append(event)
+            if isinstance(event, EndOfMessage):
+                held, self.held = self.held, None
+                head = held[0]
+                assert isinstance(head, ResponseHead)
+                self._begin_response(head)
+                for piece in held[1:]:
+                    self.on_response_event(piece)
             return
         if isinstance(event, Body):
             self.bytes_out += len(event.data)
@@ -646,6 +667,22 @@ class Stream:
         if self.response_chunked:
             session.write(encode_trailers(event.trailers))
         self._finish()
+
+    def _may_hold(self, head: ResponseHead) -> bool:
+        return (
+            self.replayable
+            and self.body_kept is not None
+            and self.request_done
+            and head.content_length is not None
+            and head.content_length <= HOLD_LIMIT
+            and self.attempts <= self.backend.policy.retries
+        )
+
+    def _begin_response(self, head: ResponseHead) -> None:
+        self.response_head = head
+        self.body_kept = None  # a response has begun: never replay now
+        self.response_chunked = self.session.write_response_head(self, head)
+        self._arm_response_timer()
 
     def _become_tunnel(self, head: ResponseHead) -> None:
         """The server accepted the upgrade (WebSocket...): relay raw bytes both ways from now on.
@@ -735,6 +772,7 @@ class Stream:
     def server_failed(self, cause: str, *, bad_response: bool = False) -> None:
         """The server connection broke (or talked nonsense) during this stream."""
         server = self.server
+        self.held = None  # a held (never sent) partial response is simply forgotten
         self._drop_conn()
         if server is None:
             return
@@ -1128,7 +1166,10 @@ class HttpSession(asyncio.Protocol):
             node = b'"[%s]"' % client if b":" in client else client
             element = b"for=" + node + b";proto=" + settings.scheme
             if head.host is not None:
-                element += b';host="' + head.host.replace(b'"', b"") + b'"'
+                # RFC 7239: a token stays bare (Orthanc and others take the value as is);
+                # host:port and IPv6 literals are not tokens and must be quoted.
+                host = head.host
+                element += b";host=" + (host if _TOKEN.fullmatch(host) else b'"' + host.replace(b'"', b"") + b'"')
             prior = head.header(b"forwarded") if keep_forwarded else None
             headers.append((b"Forwarded", element if prior is None else prior + b", " + element))
         for edit in decision.request_edits:
@@ -1228,8 +1269,8 @@ class HttpSession(asyncio.Protocol):
 
     def abort_stream(self, stream: Stream, cause: str) -> None:
         """The response was already under way: cut the client connection, never complete it."""
-        stream.cancel()
         self._log(stream, stream.response_head.status if stream.response_head else 0, cause)
+        stream.cancel()
         self.stream = None
         self.abort()
 
