@@ -8,10 +8,13 @@ before taking traffic, removed servers drain, and a bad config changes nothing.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import socket
 import threading
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +53,31 @@ def _open(port: int) -> tuple[socket.socket, str]:
     while not data.endswith(b"\n"):
         data += sock.recv(64)
     return sock, data.decode().strip()
+
+
+@dataclass
+class One:
+    """medlb in front of one UP echo server ``s1``, with the admin API."""
+
+    lb: Medlb
+    port: int
+    url: str
+    config: dict[str, Any]
+    s1: Backend
+
+
+@contextlib.contextmanager
+def one_server(tmp_path: Path) -> Iterator[One]:
+    s1 = Backend("s1")
+    port = free_port()
+    config = _config(port, [s1])
+    url = with_admin(config, tmp_path)
+    try:
+        with running_medlb(config, tmp_path) as lb:
+            lb.wait_for_log("pool/s1 op_state DOWN -> UP")
+            yield One(lb, port, url, config, s1)
+    finally:
+        s1.stop()
 
 
 class Churn(threading.Thread):
@@ -222,110 +250,84 @@ def test_reload_moves_a_listener_and_rejects_a_port_in_use(tmp_path: Path) -> No
     ids=["yaml-syntax", "not-utf8"],
 )
 def test_sighup_with_a_bad_file_is_refused_not_fatal(tmp_path: Path, content: bytes, expected: str) -> None:
-    s1 = Backend("s1")
-    port = free_port()
-    config = _config(port, [s1])
-    try:
-        with running_medlb(config, tmp_path) as lb:
-            lb.wait_for_log("pool/s1 op_state DOWN -> UP")
-            lb.config_path.write_bytes(content)
-            lb.signal(signal.SIGHUP)
-            lb.wait_for_log("configuration reload by SIGHUP refused, still running the previous one")
-            lb.wait_for_log(expected)
-            assert greet(port) == "s1"
-            assert lb.proc.poll() is None
-    finally:
-        s1.stop()
+    with one_server(tmp_path) as one:
+        lb, port = one.lb, one.port
+        lb.config_path.write_bytes(content)
+        lb.signal(signal.SIGHUP)
+        lb.wait_for_log("configuration reload by SIGHUP refused, still running the previous one")
+        lb.wait_for_log(expected)
+        assert greet(port) == "s1"
+        assert lb.proc.poll() is None
 
 
 def test_reload_applies_a_new_maxconn_to_a_running_frontend(tmp_path: Path) -> None:
-    s1 = Backend("s1")
-    port = free_port()
-    config = _config(port, [s1])
-    try:
-        with running_medlb(config, tmp_path) as lb:
-            lb.wait_for_log("pool/s1 op_state DOWN -> UP")
-            limited = _config(port, [s1])
-            limited["frontends"][0]["maxconn"] = 1
-            _rewrite(lb, limited)
-            lb.signal(signal.SIGHUP)
-            lb.wait_for_log("configuration reloaded by SIGHUP")
-            first, _ = _open(port)
-            second = socket.create_connection(("127.0.0.1", port), timeout=0.5)
+    with one_server(tmp_path) as one:
+        lb, port = one.lb, one.port
+        limited = _config(port, [one.s1])
+        limited["frontends"][0]["maxconn"] = 1
+        _rewrite(lb, limited)
+        lb.signal(signal.SIGHUP)
+        lb.wait_for_log("configuration reloaded by SIGHUP")
+        first, _ = _open(port)
+        second = socket.create_connection(("127.0.0.1", port), timeout=0.5)
+        try:
+            # The kernel completes the handshake, but medlb does not accept beyond maxconn.
             try:
-                # The kernel completes the handshake, but medlb does not accept beyond maxconn.
-                try:
-                    data = second.recv(64)
-                except TimeoutError:
-                    data = b""
-                assert data == b""
-                first.close()
-                second.settimeout(5)
-                assert second.recv(64) == b"s1\n"  # accepted once the first session ended
-            finally:
-                second.close()
-    finally:
-        s1.stop()
+                data = second.recv(64)
+            except TimeoutError:
+                data = b""
+            assert data == b""
+            first.close()
+            second.settimeout(5)
+            assert second.recv(64) == b"s1\n"  # accepted once the first session ended
+        finally:
+            second.close()
 
 
 def test_reload_with_an_unreadable_secret_changes_nothing(tmp_path: Path) -> None:
-    s1 = Backend("s1")
-    port = free_port()
-    config = _config(port, [s1])
-    url = with_admin(config, tmp_path)
-    try:
-        with running_medlb(config, tmp_path) as lb:
-            lb.wait_for_log("pool/s1 op_state DOWN -> UP")
-            new = _config(port, [s1])
-            new["admin"] = config["admin"]
-            new["backends"][0]["servers"][0]["weight"] = 9
-            new["alerts"] = {
-                "email": {
-                    "host": "127.0.0.1",
-                    "from": "lb@example.org",
-                    "to": ["pacs-admins@example.org"],
-                    "username": "medlb",
-                    "password_file": str(tmp_path / "missing-password"),
-                }
+    with one_server(tmp_path) as one:
+        lb, port, url, config = one.lb, one.port, one.url, one.config
+        new = _config(port, [one.s1])
+        new["admin"] = config["admin"]
+        new["backends"][0]["servers"][0]["weight"] = 9
+        new["alerts"] = {
+            "email": {
+                "host": "127.0.0.1",
+                "from": "lb@example.org",
+                "to": ["pacs-admins@example.org"],
+                "username": "medlb",
+                "password_file": str(tmp_path / "missing-password"),
             }
-            _rewrite(lb, new)
-            code, doc = api(f"{url}/api/v1/reload", "POST")
-            assert code == 422 and "missing-password" in doc["message"]
-            _, status = api(f"{url}/api/v1/status")
-            assert server_of(status, "pool/s1")["weight"] == 1
-            # A new token file that is too short is refused the same way; the old token keeps working.
-            (tmp_path / "admin.token").write_text("short\n")
-            _rewrite(lb, config)
-            code, doc = api(f"{url}/api/v1/reload", "POST")
-            assert code == 422 and "at least 16 characters" in doc["message"]
-            assert api(f"{url}/api/v1/status")[0] == 200
-    finally:
-        s1.stop()
+        }
+        _rewrite(lb, new)
+        code, doc = api(f"{url}/api/v1/reload", "POST")
+        assert code == 422 and "missing-password" in doc["message"]
+        _, status = api(f"{url}/api/v1/status")
+        assert server_of(status, "pool/s1")["weight"] == 1
+        # A new token file that is too short is refused the same way; the old token keeps working.
+        (tmp_path / "admin.token").write_text("short\n")
+        _rewrite(lb, config)
+        code, doc = api(f"{url}/api/v1/reload", "POST")
+        assert code == 422 and "at least 16 characters" in doc["message"]
+        assert api(f"{url}/api/v1/status")[0] == 200
 
 
 def test_renaming_a_frontend_moves_its_socket(tmp_path: Path) -> None:
-    s1 = Backend("s1")
-    port = free_port()
-    config = _config(port, [s1])
-    url = with_admin(config, tmp_path)
-    try:
-        with running_medlb(config, tmp_path) as lb:
-            lb.wait_for_log("pool/s1 op_state DOWN -> UP")
-            held, _ = _open(port)
-            renamed = yaml.safe_load(yaml.safe_dump(config))
-            renamed["frontends"][0]["name"] = "dicom"
-            _rewrite(lb, renamed)
-            code, doc = api(f"{url}/api/v1/reload", "POST")
-            assert code == 200, doc
-            lb.wait_for_log(f"frontend dicom: took over listener 127.0.0.1:{port}")
-            assert greet(port) == "s1"
-            _, status = api(f"{url}/api/v1/status")
-            assert [f["name"] for f in status["frontends"]] == ["dicom"]
-            held.sendall(b"old frontend, still here")
-            assert held.recv(64) == b"old frontend, still here"
-            held.close()
-    finally:
-        s1.stop()
+    with one_server(tmp_path) as one:
+        lb, port, url, config = one.lb, one.port, one.url, one.config
+        held, _ = _open(port)
+        renamed = yaml.safe_load(yaml.safe_dump(config))
+        renamed["frontends"][0]["name"] = "dicom"
+        _rewrite(lb, renamed)
+        code, doc = api(f"{url}/api/v1/reload", "POST")
+        assert code == 200, doc
+        lb.wait_for_log(f"frontend dicom: took over listener 127.0.0.1:{port}")
+        assert greet(port) == "s1"
+        _, status = api(f"{url}/api/v1/status")
+        assert [f["name"] for f in status["frontends"]] == ["dicom"]
+        held.sendall(b"old frontend, still here")
+        assert held.recv(64) == b"old frontend, still here"
+        held.close()
 
 
 def test_an_operator_removal_does_not_outlive_its_backend(tmp_path: Path) -> None:
