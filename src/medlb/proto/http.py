@@ -449,6 +449,16 @@ class _Parser(Generic[_E]):
 
     # -- provided by subclasses
 
+    def _callbacks(self, on_head: Callable[[], None]) -> _Callbacks:
+        """The callbacks both directions share; each adds its start-line callback."""
+        cb = _Callbacks()
+        cb.on_message_begin = self._on_message_begin
+        cb.on_header = self._on_header
+        cb.on_headers_complete = on_head
+        cb.on_body = self._on_body
+        cb.on_message_complete = self._on_message_complete
+        return cb
+
     def _new_ll(self) -> httptools.HttpRequestParser | httptools.HttpResponseParser:
         raise NotImplementedError
 
@@ -874,13 +884,8 @@ class RequestParser(_Parser[RequestEvent]):
     # -- llhttp
 
     def _new_ll(self) -> httptools.HttpRequestParser:
-        cb = _Callbacks()
-        cb.on_message_begin = self._on_message_begin
+        cb = self._callbacks(self._on_request_head)
         cb.on_url = self._on_url
-        cb.on_header = self._on_header
-        cb.on_headers_complete = self._on_request_head
-        cb.on_body = self._on_body
-        cb.on_message_complete = self._on_message_complete
         return httptools.HttpRequestParser(cb)
 
     def _prime(self) -> httptools.HttpRequestParser:
@@ -1052,13 +1057,8 @@ class ResponseParser(_Parser[ResponseEvent]):
     # -- llhttp
 
     def _new_ll(self) -> httptools.HttpResponseParser:
-        cb = _Callbacks()
-        cb.on_message_begin = self._on_message_begin
+        cb = self._callbacks(self._on_response_head)
         cb.on_status = self._on_status
-        cb.on_header = self._on_header
-        cb.on_headers_complete = self._on_response_head
-        cb.on_body = self._on_body
-        cb.on_message_complete = self._on_message_complete
         return httptools.HttpResponseParser(cb)
 
     def _prime(self) -> httptools.HttpResponseParser:  # pragma: no cover - unreachable
