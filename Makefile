@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: all deps venv demo test lint typecheck unit bench bench-smoke clean
+.PHONY: all deps venv demo test lint typecheck unit bench bench-http bench-smoke clean
 
 all: test
 
@@ -38,6 +38,9 @@ test: deps venv lint typecheck unit
 
 bench: deps venv
 	$(BIN)/python bench/tcp_bench.py
+
+bench-http: deps venv
+	$(BIN)/python bench/http_bench.py
 
 bench-smoke: deps venv
 	$(BIN)/python bench/tcp_bench.py --smoke --out /tmp/medlb-bench-smoke.md
