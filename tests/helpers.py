@@ -4,6 +4,7 @@ threaded TCP backends on loopback."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import signal
 import socket
@@ -259,3 +260,42 @@ def server_of(status: dict[str, Any], key: str) -> dict[str, Any]:
                 if server["name"] == s_name:
                     return dict(server)
     raise KeyError(key)
+
+
+def self_signed_cert(directory: Path, cn: str, san: str) -> tuple[Path, Path]:
+    """A throwaway self-signed certificate and key (openssl, which ``make test`` installs): (cert, key)."""
+    key, crt = directory / f"{cn}.key", directory / f"{cn}.crt"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(crt),
+         "-days", "2", "-subj", f"/CN={cn}", "-addext", f"subjectAltName={san}"],
+        check=True,
+        capture_output=True,
+    )  # fmt: skip
+    return crt, key
+
+
+@dataclasses.dataclass
+class AdminLab:
+    """medlb with its admin API in front of echo servers that are all UP."""
+
+    lb: Medlb
+    url: str
+    port: int
+    backends: list[Backend]
+    config: dict[str, Any]
+
+
+@contextlib.contextmanager
+def admin_medlb(tmp: Path, names: tuple[str, ...] = ("s1", "s2"), **admin: Any) -> Iterator[AdminLab]:
+    backends = [Backend(name) for name in names]
+    port = free_port()
+    config = tcp_config(port, [{"name": b.name, "address": f"127.0.0.1:{b.port}"} for b in backends])
+    url = with_admin(config, tmp, **admin)
+    try:
+        with running_medlb(config, tmp) as lb:
+            for name in names:
+                lb.wait_for_log(f"pool/{name} op_state DOWN -> UP")
+            yield AdminLab(lb, url, port, backends, config)
+    finally:
+        for b in backends:
+            b.stop()

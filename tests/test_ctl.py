@@ -26,7 +26,16 @@ from medlb.ctl import (
     human_bytes,
     status_table,
 )
-from tests.helpers import TOKEN, Backend, Medlb, api, free_port, greet, running_medlb, server_of, tcp_config, with_admin
+from tests.helpers import (
+    TOKEN,
+    Backend,
+    Medlb,
+    admin_medlb,
+    api,
+    free_port,
+    greet,
+    server_of,
+)
 
 
 @dataclass
@@ -56,17 +65,8 @@ class Ctl:
 
 @pytest.fixture
 def ctl(tmp_path: Path) -> Iterator[Ctl]:
-    backends = [Backend("s1"), Backend("s2")]
-    port = free_port()
-    config = tcp_config(port, [{"name": b.name, "address": f"127.0.0.1:{b.port}"} for b in backends])
-    url = with_admin(config, tmp_path)
-    try:
-        with running_medlb(config, tmp_path) as lb:
-            lb.wait_for_log("pool/s2 op_state DOWN -> UP")
-            yield Ctl(lb, url, port, tmp_path)
-    finally:
-        for b in backends:
-            b.stop()
+    with admin_medlb(tmp_path) as env:
+        yield Ctl(env.lb, env.url, env.port, tmp_path)
 
 
 def test_status_prints_a_table(ctl: Ctl) -> None:

@@ -14,7 +14,6 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +21,10 @@ import pytest
 import yaml
 
 from tests.helpers import (
+    AdminLab,
     Backend,
     Medlb,
+    admin_medlb,
     api,
     free_port,
     greet,
@@ -55,29 +56,11 @@ def _open(port: int) -> tuple[socket.socket, str]:
     return sock, data.decode().strip()
 
 
-@dataclass
-class One:
-    """medlb in front of one UP echo server ``s1``, with the admin API."""
-
-    lb: Medlb
-    port: int
-    url: str
-    config: dict[str, Any]
-    s1: Backend
-
-
 @contextlib.contextmanager
-def one_server(tmp_path: Path) -> Iterator[One]:
-    s1 = Backend("s1")
-    port = free_port()
-    config = _config(port, [s1])
-    url = with_admin(config, tmp_path)
-    try:
-        with running_medlb(config, tmp_path) as lb:
-            lb.wait_for_log("pool/s1 op_state DOWN -> UP")
-            yield One(lb, port, url, config, s1)
-    finally:
-        s1.stop()
+def one_server(tmp_path: Path) -> Iterator[AdminLab]:
+    """medlb in front of one UP echo server ``s1``, with the admin API."""
+    with admin_medlb(tmp_path, ("s1",)) as env:
+        yield env
 
 
 class Churn(threading.Thread):
@@ -263,7 +246,7 @@ def test_sighup_with_a_bad_file_is_refused_not_fatal(tmp_path: Path, content: by
 def test_reload_applies_a_new_maxconn_to_a_running_frontend(tmp_path: Path) -> None:
     with one_server(tmp_path) as one:
         lb, port = one.lb, one.port
-        limited = _config(port, [one.s1])
+        limited = _config(port, [one.backends[0]])
         limited["frontends"][0]["maxconn"] = 1
         _rewrite(lb, limited)
         lb.signal(signal.SIGHUP)
@@ -287,7 +270,7 @@ def test_reload_applies_a_new_maxconn_to_a_running_frontend(tmp_path: Path) -> N
 def test_reload_with_an_unreadable_secret_changes_nothing(tmp_path: Path) -> None:
     with one_server(tmp_path) as one:
         lb, port, url, config = one.lb, one.port, one.url, one.config
-        new = _config(port, [one.s1])
+        new = _config(port, [one.backends[0]])
         new["admin"] = config["admin"]
         new["backends"][0]["servers"][0]["weight"] = 9
         new["alerts"] = {

@@ -8,10 +8,7 @@ import datetime
 import email
 import email.policy
 import logging
-import shutil
-import socket
 import ssl
-import subprocess
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
@@ -32,16 +29,10 @@ from medlb.errors import StartupError
 from medlb.model.backend import Backend, BackendPolicy
 from medlb.model.health import OpState
 from medlb.model.server import AdminState, Server
+from tests.helpers import free_port, self_signed_cert
 
 SECRET_HEADER = "Bearer t0ken-never-logged"
 SECRET_PATH = "/hooks/T000-SECRETPATH"
-
-
-def free_port() -> int:
-    """A port nobody listens on (bound then released)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class FakeClock:
@@ -246,17 +237,7 @@ def start_sink(sink: Sink, **kwargs: Any) -> Controller:
 
 @pytest.fixture(scope="module")
 def cert(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl not installed")
-    root = tmp_path_factory.mktemp("tls")
-    key, crt = root / "key.pem", root / "cert.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(crt),
-         "-days", "2", "-subj", "/CN=smtp.test", "-addext", "subjectAltName=IP:127.0.0.1"],
-        check=True,
-        capture_output=True,
-    )  # fmt: skip
-    return crt, key
+    return self_signed_cert(tmp_path_factory.mktemp("tls"), "smtp.test", "IP:127.0.0.1")
 
 
 def server_tls(cert: tuple[Path, Path]) -> ssl.SSLContext:

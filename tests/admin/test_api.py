@@ -19,10 +19,12 @@ from tests.helpers import (
     TOKEN,
     Backend,
     Medlb,
+    admin_medlb,
     api,
     free_port,
     greet,
     running_medlb,
+    self_signed_cert,
     server_of,
     tcp_config,
     wait_until,
@@ -65,18 +67,8 @@ class Lab:
 
 @pytest.fixture
 def lab(tmp_path: Path) -> Iterator[Lab]:
-    backends = [Backend("s1"), Backend("s2")]
-    port = free_port()
-    config = tcp_config(port, [{"name": b.name, "address": f"127.0.0.1:{b.port}"} for b in backends])
-    url = with_admin(config, tmp_path)
-    try:
-        with running_medlb(config, tmp_path) as lb:
-            lb.wait_for_log("pool/s1 op_state DOWN -> UP")
-            lb.wait_for_log("pool/s2 op_state DOWN -> UP")
-            yield Lab(lb, url, port, backends, config)
-    finally:
-        for b in backends:
-            b.stop()
+    with admin_medlb(tmp_path) as env:
+        yield Lab(env.lb, env.url, env.port, env.backends, env.config)
 
 
 # --------------------------------------------------------------------------- auth
@@ -459,31 +451,10 @@ def test_metrics_need_the_token_unless_configured_open(tmp_path: Path) -> None:
 
 def test_admin_api_over_tls_refuses_old_protocols(tmp_path: Path) -> None:
     import ssl
-    import subprocess
     import urllib.request
     import warnings
 
-    cert, key = tmp_path / "admin.crt", tmp_path / "admin.key"
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=127.0.0.1",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-        ],
-        check=True,
-        capture_output=True,
-    )
+    cert, key = self_signed_cert(tmp_path, "127.0.0.1", "IP:127.0.0.1")
     backend = Backend("s1")
     port = free_port()
     config = tcp_config(port, [{"name": "s1", "address": f"127.0.0.1:{backend.port}"}])

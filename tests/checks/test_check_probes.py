@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import shutil
 import socket
 import ssl
-import subprocess
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -23,15 +21,9 @@ from medlb.checks.probes import (
     parse_http_response,
     tcp_probe,
 )
+from tests.helpers import free_port, self_signed_cert
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
-
-
-def free_port() -> int:
-    """A port nobody listens on (bound then released)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 async def serve(handler: Handler, ssl_ctx: ssl.SSLContext | None = None) -> tuple[asyncio.Server, int]:
@@ -308,17 +300,7 @@ def test_http_probe_refused(run: Any) -> None:
 
 @pytest.fixture(scope="module")
 def cert(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl not installed")
-    root = tmp_path_factory.mktemp("tls")
-    key, crt = root / "key.pem", root / "cert.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(crt),
-         "-days", "2", "-subj", "/CN=pacs.test", "-addext", "subjectAltName=DNS:pacs.test"],
-        check=True,
-        capture_output=True,
-    )  # fmt: skip
-    return crt, key
+    return self_signed_cert(tmp_path_factory.mktemp("tls"), "pacs.test", "DNS:pacs.test")
 
 
 def test_https_probe(run: Any, cert: tuple[Path, Path]) -> None:
