@@ -365,9 +365,13 @@ class Redirect(_Strict):
     code: Literal[301, 302, 303, 307, 308] = 301
 
 
+#: A path prefix: visible ASCII only (no space, CR, LF or NUL can reach a request line).
+PathPrefix = Annotated[str, Field(pattern=r"^/[!-~]*$")]
+
+
 class PathRewrite(_Strict):
-    strip_prefix: Annotated[str, Field(pattern=r"^/")] | None = None
-    add_prefix: Annotated[str, Field(pattern=r"^/")] | None = None
+    strip_prefix: PathPrefix | None = None
+    add_prefix: PathPrefix | None = None
 
 
 class HttpRule(_Strict):

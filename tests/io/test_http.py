@@ -468,3 +468,78 @@ def test_a_small_get_answer_cut_half_way_is_retried_not_delivered_broken(tmp_pat
         good.stop()
         half.shutdown()
         half.server_close()
+
+
+class DoubleAnswer(ThreadingHTTPServer):
+    """Answers each GET with its response and, in the same write, a second one nobody asked for.
+
+    ``per_connection`` lists how many GETs each TCP connection carried: a proxy that trusted a
+    connection after a stray response would reuse it (and risk handing the stray answer on).
+    """
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self) -> None:
+        outer = self
+        self.per_connection: list[int] = []
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+            slot = -1
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                if self.slot < 0:
+                    self.slot = len(outer.per_connection)
+                    outer.per_connection.append(0)
+                outer.per_connection[self.slot] += 1
+                ok = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfirst"
+                stray = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nstray"
+                self.wfile.write(ok + stray)
+                self.wfile.flush()
+
+        super().__init__(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+
+
+def test_a_stray_second_response_is_never_delivered_and_its_connection_is_dropped(tmp_path: Path) -> None:
+    server = DoubleAnswer()
+    port = free_port()
+    config = http_config(port, [])
+    config["backends"][0]["servers"] = [{"name": "double", "address": f"127.0.0.1:{server.server_address[1]}"}]
+    try:
+        with running_medlb(config, tmp_path) as lb:
+            lb.wait_for_log("viewers/double op_state DOWN -> UP")
+            for _ in range(3):
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+                conn.request("GET", "/")
+                response = conn.getresponse()
+                assert (response.status, response.read()) == (200, b"first")
+                conn.close()
+            # Every request needed a fresh server connection: none was reused after its stray answer.
+            assert server.per_connection == [1, 1, 1]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_end_to_end_drops_hop_by_hop_fields_in_any_spelling() -> None:
+    from medlb.io.http import end_to_end
+
+    headers = [
+        (b"Server", b"x"),
+        (b"CONNECTION", b"close"),
+        (b"Keep-Alive", b"timeout=5"),
+        (b"tE", b"trailers"),
+        (b"Transfer-encoding", b"chunked"),
+        (b"content-length", b"3"),
+        (b"Proxy-Connection", b"keep-alive"),
+        (b"Trailer", b"X"),
+        (b"UPGRADE", b"h2c"),
+        (b"Content-Type", b"text/plain"),
+        (b"Te-Extra", b"kept"),
+    ]
+    assert end_to_end(headers) == [(b"Server", b"x"), (b"Content-Type", b"text/plain"), (b"Te-Extra", b"kept")]

@@ -221,6 +221,15 @@ def test_a_tls_client_hello_on_a_plain_port_gets_nowhere(pki: Pki, tmp_path: Pat
         recorder.stop()
 
 
+def test_a_certificate_subject_cannot_break_the_header_line() -> None:
+    from medlb.io.tls import subject_text
+
+    subject = ((("commonName", "dr\r\nX-Admin: yes"),), (("organizationName", "A, B\\C\x7f"),))
+    text = subject_text({"subject": subject})
+    assert text == "O=A\\, B\\\\C\\7F,CN=dr\\0D\\0AX-Admin: yes"
+    assert not any(ord(c) < 0x20 or ord(c) == 0x7F for c in text)
+
+
 def test_session_resumption(pki: Pki, tls_lab: tuple[int, Recorder, Any]) -> None:
     port, _, _ = tls_lab
     context = ssl.create_default_context(cafile=pki.path("ca.crt"))

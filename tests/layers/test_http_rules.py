@@ -109,6 +109,9 @@ def test_header_edit_compiles_to_nothing_when_empty() -> None:
         ({"redirect": {"code": 301}}, "needs location or scheme"),
         ({"if": {"path_regex": "("}, "use_backend": "b"}, "invalid regular expression"),
         ({"request_headers": {"set": {"X-Bad": "a\nb"}}}, "request_headers.set"),
+        # A prefix lands in the request line: no space, CR or LF may come with it.
+        ({"path": {"add_prefix": "/a b"}}, "path.add_prefix"),
+        ({"path": {"strip_prefix": "/a\r\nX-Injected: 1"}}, "path.strip_prefix"),
     ],
 )
 def test_bad_rules_are_config_errors(rule: dict[str, Any], message: str) -> None:

@@ -723,6 +723,19 @@ def test_serialize_request_head_exact_bytes() -> None:
     )
 
 
+def test_serialize_unchecked_gives_the_same_bytes_for_parsed_heads() -> None:
+    # check=False is the proxy's hot path: for a head this parser produced, the output must be
+    # exactly what the checked path gives (only the re-validation is skipped).
+    head = req(RequestParser().feed(GET))
+    fields = [*head.headers, (b"X-Forwarded-For", b"192.0.2.7")]
+    assert serialize_request_head(head, fields, check=False) == serialize_request_head(head, fields)
+    response = ResponseParser().feed(b"HTTP/1.1 200 OK\r\nServer: x\r\nContent-Length: 0\r\n\r\n")[0]
+    assert isinstance(response, ResponseHead)
+    assert serialize_response_head(response, response.headers, check=False) == serialize_response_head(
+        response, response.headers
+    )
+
+
 def test_serialize_keeps_http10() -> None:
     head = req(RequestParser().feed(b"GET / HTTP/1.0\r\n\r\n"))
     assert serialize_request_head(head, []) == b"GET / HTTP/1.0\r\n\r\n"

@@ -91,8 +91,14 @@ HOP_BY_HOP = frozenset(
         b"content-length",
     }
 )
+#: The usual spellings of hop-by-hop names and the lengths of all of them: a field whose length
+#: is not one of these cannot be hop-by-hop, so most fields are never lower-cased (hot path).
+_HOP_SPELLINGS = HOP_BY_HOP | {b"-".join(part.capitalize() for part in n.split(b"-")) for n in HOP_BY_HOP}
+_HOP_LENGTHS = frozenset(len(n) for n in HOP_BY_HOP)
 _TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _FORWARDED_NAMES = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"forwarded"})
+#: Lengths of the request field names medlb may drop or change (hop-by-hop, forwarding, Cookie).
+_WATCH_LENGTHS = _HOP_LENGTHS | {len(n) for n in _FORWARDED_NAMES} | {len(b"cookie")}
 _REASONS = {
     400: b"Bad Request",
     408: b"Request Timeout",
@@ -127,6 +133,15 @@ class HttpSettings:
     @property
     def scheme(self) -> bytes:
         return b"https" if self.tls is not None else b"http"
+
+
+def end_to_end(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """``headers`` without the hop-by-hop fields (and the framing ones, which medlb re-creates)."""
+    return [
+        (n, v)
+        for n, v in headers
+        if len(n) not in _HOP_LENGTHS or (n not in _HOP_SPELLINGS and n.lower() not in HOP_BY_HOP)
+    ]
 
 
 def _cookies(value: bytes) -> list[tuple[bytes, bytes]]:
@@ -276,10 +291,17 @@ class ServerConn(asyncio.Protocol):
             return
         session = stream.session
         corked = session.cork()
+        first = events[0] if events else None
+        stream.whole = (
+            type(first) is ResponseHead and first.status >= 200 and type(events[-1]) is EndOfMessage and len(events) > 1
+        )
         try:
-            for event in events:
+            for i, event in enumerate(events):
                 stream.on_response_event(event)
                 if self.stream is not stream or self.tunnel:
+                    if i + 1 < len(events) and not self.tunnel:
+                        # A second response nobody asked for: this connection cannot be trusted.
+                        self.close()
                     break  # the stream ended, or became a tunnel (the 101's end event is moot)
         finally:
             if corked:
@@ -372,6 +394,7 @@ class Stream:
         "t_response",
         "t_start",
         "waiting_body",
+        "whole",
     )
 
     def __init__(self, session: HttpSession, head: RequestHead, backend: Backend, decision: Decision) -> None:
@@ -397,6 +420,8 @@ class Stream:
         self.set_cookie: bytes | None = None
         #: A complete small response being collected before the client sees any of it.
         self.held: list[ResponseHead | Body | EndOfMessage] | None = None
+        #: The final response arrived whole in one read: nothing to hold back, no timer to move.
+        self.whole = False
         self.bytes_in = 0
         self.bytes_out = 0
         loop = session.loop
@@ -552,7 +577,9 @@ class Stream:
         head = self.head
         if self.decision.target is not None:
             head = replace(head, target=self.decision.target)
-        conn.write(serialize_request_head(head, self.session.request_headers(self.head, self.decision)))
+        # check=False: every part is proven (see _head_bytes): parsed fields, validated config values,
+        # the peer address and escaped certificate subjects.
+        conn.write(serialize_request_head(head, self.session.request_headers(self.head, self.decision), check=False))
         self.request_sent = True
         replay = self.body_kept if self.attempts > 1 else None
         if replay:
@@ -638,7 +665,7 @@ class Stream:
                 self._arm_response_timer()
                 return
             self.t_response = session.loop.time()
-            if self._may_hold(event):
+            if not self.whole and self._may_hold(event):
                 # A small answer to a replayable request is held until complete: if the
                 # server dies half-way, the request is retried elsewhere and the client
                 # never sees the broken half (zero failed idempotent requests).
@@ -653,6 +680,7 @@ class Stream:
                 held, self.held = self.held, None
                 head = held[0]
                 assert isinstance(head, ResponseHead)
+                self.whole = True  # every piece is here: release them without timers
                 self._begin_response(head)
                 for piece in held[1:]:
                     self.on_response_event(piece)
@@ -660,7 +688,8 @@ class Stream:
         if isinstance(event, Body):
             self.bytes_out += len(event.data)
             session.write(encode_chunk(event.data) if self.response_chunked else event.data)
-            self._arm_response_timer()  # a slow download is alive while bytes move
+            if not self.whole:
+                self._arm_response_timer()  # a slow download is alive while bytes move
             return
         if self.response_head is None:
             return  # the end of an interim (1xx) response; the final one follows
@@ -682,7 +711,8 @@ class Stream:
         self.response_head = head
         self.body_kept = None  # a response has begun: never replay now
         self.response_chunked = self.session.write_response_head(self, head)
-        self._arm_response_timer()
+        if not self.whole:
+            self._arm_response_timer()
 
     def _become_tunnel(self, head: ResponseHead) -> None:
         """The server accepted the upgrade (WebSocket...): relay raw bytes both ways from now on.
@@ -938,17 +968,19 @@ class HttpSession(asyncio.Protocol):
             self.tunnel.tunnel_from_client(data)
             return
         stream = self.stream
-        if stream is None and not self.pending:
-            # A new request begins: the header timeout runs until its head is parsed.
-            if not self.head_started:
-                self.head_started = True
-                self.arm(self.settings.header_timeout, self._header_timeout)
-        elif stream is not None and not stream.request_done and stream.conn is not None:
+        if stream is not None and not stream.request_done and stream.conn is not None:
             stream.arm_body_timer()  # the upload is alive
         try:
             events = self.parser.feed(data)
         except HttpError as exc:
             self._reject(exc.status, exc.reason)
+            return
+        if not events:
+            if stream is None and not self.pending and not self.head_started:
+                # A request head has begun and is not complete: the header timeout runs until it is.
+                # (A head that arrives whole, the usual case, never arms it: its stream's timer follows.)
+                self.head_started = True
+                self.arm(self.settings.header_timeout, self._header_timeout)
             return
         self.pending.extend(events)
         corked: list[ServerConn] = []
@@ -1050,7 +1082,11 @@ class HttpSession(asyncio.Protocol):
                     self._reject(400, "body without a request")
                     return
                 pending.popleft()
-                self._start(event)
+                # A bodiless request's end is already parsed (same read): the stream starts complete.
+                done = bool(pending) and not event.chunked and type(pending[0]) is EndOfMessage
+                if done:
+                    pending.popleft()
+                self._start(event, done)
                 continue
             if isinstance(event, RequestHead):
                 break  # pipelined: waits for the stream in flight
@@ -1061,7 +1097,7 @@ class HttpSession(asyncio.Protocol):
         elif self.stream is None or not pending:
             self.resume_reading()
 
-    def _start(self, head: RequestHead) -> None:
+    def _start(self, head: RequestHead, done: bool = False) -> None:
         self.requests += 1
         self.head_started = False
         self.on_deadline = None
@@ -1082,6 +1118,7 @@ class HttpSession(asyncio.Protocol):
                 return
             backend = routed
         stream = Stream(self, head, backend, decision)
+        stream.request_done = done
         self.stream = stream
         stream.start()
 
@@ -1136,7 +1173,11 @@ class HttpSession(asyncio.Protocol):
         subject_lower = subject_header.lower() if subject_header else None
         rule = self.frontend.persistence.get(self.backend.name)
         ours = rule.cookie_name if rule is not None and rule.model.kind == "cookie" else None
+        watch = _WATCH_LENGTHS if subject_lower is None else _WATCH_LENGTHS | {len(subject_lower)}
         for name, value in head.headers:
+            if len(name) not in watch:  # most fields: passed on untouched, never lower-cased
+                headers.append((name, value))
+                continue
             lower = name.lower()
             if lower in HOP_BY_HOP or lower == subject_lower:
                 continue  # hop-by-hop, or a forged client-certificate header
@@ -1174,7 +1215,7 @@ class HttpSession(asyncio.Protocol):
             headers.append((b"Forwarded", element if prior is None else prior + b", " + element))
         for edit in decision.request_edits:
             # Rules may change any header but the framing and connection ones, which medlb owns.
-            headers = [(n, v) for n, v in edit.apply(headers) if n.lower() not in HOP_BY_HOP]
+            headers = end_to_end(edit.apply(headers))
         if head.upgrade:
             upgrade = head.header(b"upgrade")
             if upgrade is not None:
@@ -1190,10 +1231,10 @@ class HttpSession(asyncio.Protocol):
 
     def write_response_head(self, stream: Stream, head: ResponseHead) -> bool:
         """Send the response head to the client; return True when the body must be chunk-encoded."""
-        headers = [(n, v) for n, v in head.headers if n.lower() not in HOP_BY_HOP]
+        headers = end_to_end(head.headers)
         decision = stream.decision
         for edit in decision.response_edits:
-            headers = [(n, v) for n, v in edit.apply(headers) if n.lower() not in HOP_BY_HOP]
+            headers = end_to_end(edit.apply(headers))
         if decision.hsts is not None:
             headers = [(n, v) for n, v in headers if n.lower() != b"strict-transport-security"]
             headers.append((b"Strict-Transport-Security", decision.hsts))
@@ -1213,7 +1254,7 @@ class HttpSession(asyncio.Protocol):
             headers.append((b"Connection", b"close"))
         elif stream.head.version == b"1.0":
             headers.append((b"Connection", b"keep-alive"))
-        self.write(serialize_response_head(head, headers))
+        self.write(serialize_response_head(head, headers, check=False))
         return chunked
 
     def write(self, data: bytes) -> None:

@@ -110,8 +110,16 @@ def server_tls(settings: FrontendTls) -> ServerTls:
     return tls
 
 
+#: Control characters (C0 and DEL) as RFC 4514 hex escapes.
+_CONTROL_ESCAPES = {c: f"\\{c:02X}" for c in (*range(0x20), 0x7F)}
+
+
 def subject_text(peercert: dict[str, object] | None) -> str:
-    """A client certificate's subject as ``CN=...,O=...`` (RFC 4514 order), or ``""``."""
+    """A client certificate's subject as ``CN=...,O=...`` (RFC 4514 order), or ``""``.
+
+    It goes into a request header: control characters (a certificate may hold any) are written as
+    RFC 4514 ``\\XX`` hex escapes, so no subject can break the header line.
+    """
     if not peercert:
         return ""
     parts: list[str] = []
@@ -120,7 +128,7 @@ def subject_text(peercert: dict[str, object] | None) -> str:
     short = {"commonName": "CN", "organizationName": "O", "organizationalUnitName": "OU", "countryName": "C"}
     for rdn in reversed(subject):
         for key, value in rdn:
-            text = str(value).replace("\\", "\\\\").replace(",", "\\,")
+            text = str(value).replace("\\", "\\\\").replace(",", "\\,").translate(_CONTROL_ESCAPES)
             parts.append(f"{short.get(key, key)}={text}")
     return ",".join(parts)
 

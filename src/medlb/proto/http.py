@@ -1131,18 +1131,23 @@ class ResponseParser(_Parser[ResponseEvent]):
 # --------------------------------------------------------------------------- serialization
 
 
-def _head_bytes(start_line: bytes, headers: Headers) -> bytes:
-    """Join a start line and fields; refuse anything that would change the message's structure.
+def _head_bytes(start_line: bytes, headers: Headers, check: bool) -> bytes:
+    """Join a start line and fields; with ``check``, refuse anything that would change the message's structure.
 
     The proxy rewrites fields (X-Forwarded-For, Host, framing): a CR, LF or NUL in a value or a
     non-token name would let a rewrite inject fields or a second message (response splitting).
     Counting CR and LF over the whole output checks every value and the start line in two C scans.
+    ``check=False`` is for heads whose every part is already proven: fields as this module parsed
+    them (llhttp refuses CR, LF and NUL in values and non-token names) plus values the caller
+    built from validated configuration. It is the per-request hot path of the proxy.
     """
     parts = [start_line]
     for name, value in headers:
         parts += (name, b": ", value, b"\r\n")
     parts.append(b"\r\n")
     out = b"".join(parts)
+    if not check:
+        return out
     if headers:
         names = b" ".join([name for name, _ in headers])
         if not _TOKENS.fullmatch(names) or names.count(b" ") != len(headers) - 1:
@@ -1153,7 +1158,7 @@ def _head_bytes(start_line: bytes, headers: Headers) -> bytes:
     return out
 
 
-def serialize_request_head(head: RequestHead, headers: Headers) -> bytes:
+def serialize_request_head(head: RequestHead, headers: Headers, *, check: bool = True) -> bytes:
     """Request line of ``head`` plus ``headers`` (the fields to send, as the proxy rewrote them).
 
     The client's version is kept, as HAProxy does: it tells the server what the client can take
@@ -1161,20 +1166,22 @@ def serialize_request_head(head: RequestHead, headers: Headers) -> bytes:
     ``Content-Length`` or ``Transfer-Encoding: chunked`` matching the body it writes (see
     :func:`with_framing`).
     """
-    if head.version not in (b"1.1", b"1.0"):
-        raise ValueError(f"bad HTTP version {head.version!r}")
-    if not _TOKEN.fullmatch(head.method) or not head.target or b" " in head.target:
-        raise ValueError("bad method or request-target")
-    return _head_bytes(b"%s %s HTTP/%s\r\n" % (head.method, head.target, head.version), headers)
+    if check:
+        if head.version not in (b"1.1", b"1.0"):
+            raise ValueError(f"bad HTTP version {head.version!r}")
+        if not _TOKEN.fullmatch(head.method) or not head.target or b" " in head.target:
+            raise ValueError("bad method or request-target")
+    return _head_bytes(b"%s %s HTTP/%s\r\n" % (head.method, head.target, head.version), headers, check)
 
 
-def serialize_response_head(head: ResponseHead, headers: Headers) -> bytes:
+def serialize_response_head(head: ResponseHead, headers: Headers, *, check: bool = True) -> bytes:
     """Status line of ``head`` plus ``headers``; the server's version and reason are kept."""
-    if head.version not in (b"1.1", b"1.0"):
-        raise ValueError(f"bad HTTP version {head.version!r}")
-    if not 100 <= head.status <= 999:
-        raise ValueError(f"bad status {head.status}")
-    return _head_bytes(b"HTTP/%s %d %s\r\n" % (head.version, head.status, head.reason), headers)
+    if check:
+        if head.version not in (b"1.1", b"1.0"):
+            raise ValueError(f"bad HTTP version {head.version!r}")
+        if not 100 <= head.status <= 999:
+            raise ValueError(f"bad status {head.status}")
+    return _head_bytes(b"HTTP/%s %d %s\r\n" % (head.version, head.status, head.reason), headers, check)
 
 
 def with_framing(headers: Headers, *, content_length: int | None = None, chunked: bool = False) -> Headers:
@@ -1204,4 +1211,4 @@ def encode_trailers(trailers: Headers) -> bytes:
     """The last chunk with a trailer section (just :data:`LAST_CHUNK` when there are none)."""
     if not trailers:
         return LAST_CHUNK
-    return _head_bytes(b"0\r\n", trailers)
+    return _head_bytes(b"0\r\n", trailers, True)
