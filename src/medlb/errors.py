@@ -9,6 +9,7 @@ a traceback::
     +-- StartupError         a resource could not be acquired (port in use, ...)
     +-- ProtocolError        a peer sent bytes that break a protocol rule
         +-- ProxyProtocolError
+        +-- DicomProtocolError   carries the A-ABORT (or A-ASSOCIATE-RJ) to answer with
 
 This module imports nothing from medlb: it sits in the innermost ring.
 """
@@ -62,3 +63,37 @@ class ProtocolError(MedlbError):
 
 class ProxyProtocolError(ProtocolError):
     """A PROXY protocol header was malformed."""
+
+
+class DicomProtocolError(ProtocolError):
+    """A DICOM peer broke a PS3.8 Upper Layer or PS3.7 DIMSE encoding rule.
+
+    The error carries the answer the peer should get, so the layer that catches it
+    sends a protocol-correct goodbye instead of just dropping the TCP connection
+    (ARCHITECTURE.md §6: "abort with a protocol-correct message"):
+
+    * ``abort_source`` / ``abort_reason``: the A-ABORT to send (PS3.8 §9.3.8). The
+      default is source 2 (service provider) with reason 0 (not specified); the
+      codec narrows the reason where PS3.8 names one (1 unrecognized PDU, 2
+      unexpected PDU, 4 unrecognized PDU parameter, 5 unexpected PDU parameter, 6
+      invalid PDU parameter value).
+    * ``reject``: ``(result, source, reason)`` of an A-ASSOCIATE-RJ (PS3.8 §9.3.4),
+      or ``None``. Only meaningful while the peer still waits for the answer to its
+      A-ASSOCIATE-RQ; afterwards the abort applies.
+
+    The values are plain ints so this module keeps importing nothing from medlb;
+    the named constants live in :mod:`medlb.proto.dicom_pdu`.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        abort_source: int = 2,
+        abort_reason: int = 0,
+        reject: tuple[int, int, int] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.abort_source = abort_source
+        self.abort_reason = abort_reason
+        self.reject = reject
