@@ -23,6 +23,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -138,6 +139,25 @@ BindAddress = Annotated[HostPort, BeforeValidator(parse_bind)]
 Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
 
 
+def _ae_title(value: object) -> str:
+    """A DICOM AE title: 1-16 characters of the default repertoire without backslash or control
+    characters, not only spaces (PS3.5 §6.2; leading and trailing spaces are not significant)."""
+    if not isinstance(value, str):
+        raise ValueError("expected an AE title (1-16 characters)")
+    if not 1 <= len(value) <= 16 or not value.strip(" "):
+        raise ValueError("an AE title has 1-16 characters and is not only spaces")
+    if any(not " " <= c <= "~" or c == "\\" for c in value):
+        raise ValueError("an AE title holds printable ASCII characters other than backslash")
+    return value
+
+
+#: A DICOM AE title (see :func:`_ae_title`).
+AeTitle = Annotated[str, AfterValidator(_ae_title)]
+#: An AE title pattern for access lists and rules: ``*`` and ``?`` are wildcards.
+AePattern = Annotated[str, AfterValidator(_ae_title)]
+Network = Annotated[str, BeforeValidator(_network)]
+
+
 class _Strict(BaseModel):
     """Frozen, and unknown keys are errors: a typo must never be silently ignored."""
 
@@ -174,7 +194,7 @@ class FrontendTimeouts(_Strict):
 class CheckSettings(_Strict):
     """Health check settings; any level may set any key, inner levels win."""
 
-    type: Literal["tcp", "http", "https", "external", "none"] | None = None
+    type: Literal["tcp", "http", "https", "dicom-echo", "external", "none"] | None = None
     inter: Duration | None = None
     fastinter: Duration | None = None
     downinter: Duration | None = None
@@ -189,6 +209,9 @@ class CheckSettings(_Strict):
     expect_status: list[Annotated[int, Field(ge=100, le=599)]] | None = None
     expect_body: str | None = None
     tls_verify: bool | None = None
+    # dicom-echo: the AE titles of the check's association (called: the server's ae_title if unset)
+    calling_ae: AeTitle | None = None
+    called_ae: AeTitle | None = None
     # external
     command: str | None = None
     # passive observation: consecutive connect failures on live traffic
@@ -224,6 +247,9 @@ class ServerConfig(_Strict):
     backup: bool = False
     slowstart: Duration | None = None
     admin_state: Literal["ready", "drain", "maint"] = "ready"
+    #: ``mode: dicom``: this server's own AE title. Associations are readdressed to it and the
+    #: client still sees the title it called, so archives with different titles share a pool.
+    ae_title: AeTitle | None = None
     check: CheckSettings = CheckSettings()
     agent: AgentSettings = AgentSettings()
 
@@ -393,9 +419,59 @@ class Hsts(_Strict):
     preload: bool = False
 
 
+class DicomRuleMatch(_Strict):
+    """Conditions of a DICOM routing rule; all given ones must hold (any item of a list)."""
+
+    called: list[AePattern] | None = None
+    calling: list[AePattern] | None = None
+    source: list[Network] | None = None
+
+
+class DicomRule(_Strict):
+    """Send matching associations to ``use_backend``; the first matching rule wins."""
+
+    if_: DicomRuleMatch = Field(default=DicomRuleMatch(), alias="if")
+    use_backend: Name
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class DicomFrontendSettings(_Strict):
+    """``mode: dicom``: association admission, routing and rewriting.
+
+    - ``artim_timeout``: how long a new connection may take to send its A-ASSOCIATE-RQ.
+    - ``association_timeout``: how long medlb may spend finding a server that accepts (connects,
+      retries and the server's A-ASSOCIATE-AC). Keep it below the clients' own ACSE timeout
+      (30 s in DCMTK and pynetdicom) so they get a clear reject instead of a timeout.
+    - ``max_associate_pdu``: largest A-ASSOCIATE-RQ/AC accepted, checked from the PDU header.
+    - ``allow_calling`` / ``allow_called`` / ``allow_networks``: access lists (empty: anyone).
+      A refused association gets A-ASSOCIATE-RJ (permanent; calling AE not recognised = reason 3,
+      called AE not recognised = reason 7) and no server connection is opened.
+    - ``calling_ae``: present this calling AE title to servers instead of the client's.
+    - ``async_ops``: pass the client's asynchronous operations window upstream (off: dropped, so
+      every association is synchronous, which every archive supports).
+    - ``hash``: what ``balance: source`` hashes: the calling AE title (a modality sticks to one
+      archive) or the client address.
+    - ``certificate_ae_titles``: with DICOM TLS, the calling AE titles each client certificate
+      (by its subject's CN) may use.
+    """
+
+    artim_timeout: Duration = 10.0
+    association_timeout: Duration = 25.0
+    max_associate_pdu: Annotated[int, Field(ge=1024, le=1 << 20)] = 65536
+    allow_calling: list[AePattern] = []
+    allow_called: list[AePattern] = []
+    allow_networks: list[Network] = []
+    calling_ae: AeTitle | None = None
+    async_ops: bool = False
+    hash: Literal["calling_ae", "source"] = "calling_ae"
+    rules: list[DicomRule] = []
+    certificate_ae_titles: dict[Annotated[str, Field(min_length=1, max_length=256)], list[AePattern]] = {}
+
+
 class FrontendConfig(_Strict):
     name: Name
-    mode: Literal["tcp", "http"] = "tcp"
+    mode: Literal["tcp", "http", "dicom"] = "tcp"
     bind: Annotated[list[BindAddress], Field(min_length=1)]
     maxconn: Annotated[int, Field(ge=1)] = 10000
     backlog: Annotated[int, Field(ge=1)] = 1024
@@ -407,6 +483,7 @@ class FrontendConfig(_Strict):
     request_headers: HeaderOps | None = None
     response_headers: HeaderOps | None = None
     hsts: Hsts | None = None
+    dicom: DicomFrontendSettings | None = None
 
 
 class GlobalConfig(_Strict):
@@ -555,9 +632,30 @@ def _semantic_issues(raw: Mapping[str, Any]) -> list[ConfigIssue]:
     for f_index, frontend in enumerate(frontends if isinstance(frontends, list) else []):
         if not isinstance(frontend, dict):
             continue
-        for key in ("http", "tls", "rules", "request_headers", "response_headers", "hsts"):
-            if frontend.get(key) and frontend.get("mode", "tcp") != "http":
-                issues.append(ConfigIssue(f"frontends[{f_index}].{key}", "only valid with mode: http (for now)"))
+        mode = frontend.get("mode", "tcp")
+        for key in ("http", "rules", "request_headers", "response_headers", "hsts"):
+            if frontend.get(key) and mode != "http":
+                issues.append(ConfigIssue(f"frontends[{f_index}].{key}", "only valid with mode: http"))
+        if frontend.get("tls") and mode not in ("http", "dicom"):
+            issues.append(ConfigIssue(f"frontends[{f_index}].tls", "only valid with mode: http or mode: dicom"))
+        if frontend.get("dicom") is not None and mode != "dicom":
+            issues.append(ConfigIssue(f"frontends[{f_index}].dicom", "only valid with mode: dicom"))
+        dicom = frontend.get("dicom")
+        d_rules = dicom.get("rules") if isinstance(dicom, dict) else None
+        for r_index, rule in enumerate(d_rules if isinstance(d_rules, list) else []):
+            target = rule.get("use_backend") if isinstance(rule, dict) else None
+            if isinstance(target, str) and target not in backend_names:
+                where = f"frontends[{f_index}].dicom.rules[{r_index}].use_backend"
+                issues.append(ConfigIssue(where, f"backend {target!r} does not exist"))
+        tls = frontend.get("tls")
+        needs_ca = mode == "dicom" and isinstance(tls, dict) and tls.get("client_verify", "required") != "none"
+        if needs_ca and isinstance(tls, dict) and not tls.get("client_ca"):
+            issues.append(
+                ConfigIssue(
+                    f"frontends[{f_index}].tls.client_ca",
+                    "DICOM TLS verifies client certificates by default: set client_ca, or client_verify: none",
+                )
+            )
         rules = frontend.get("rules")
         for r_index, rule in enumerate(rules if isinstance(rules, list) else []):
             if not isinstance(rule, dict):
@@ -607,17 +705,19 @@ def _semantic_issues(raw: Mapping[str, Any]) -> list[ConfigIssue]:
         if isinstance(persistence, dict) and persistence.get("type") == "header" and not persistence.get("header"):
             issues.append(ConfigIssue(f"backends[{b_index}].persistence.header", "required for type header"))
         if isinstance(persistence, dict) or backend.get("tls") is not None:
+            allowed = ("http",) if isinstance(persistence, dict) else ("http", "dicom")
             for f_index, frontend in enumerate(frontends if isinstance(frontends, list) else []):
                 if (
                     isinstance(frontend, dict)
                     and frontend.get("default_backend") == backend.get("name")
-                    and frontend.get("mode", "tcp") != "http"
+                    and frontend.get("mode", "tcp") not in allowed
                 ):
                     what = "persistence" if isinstance(persistence, dict) else "tls"
                     issues.append(
                         ConfigIssue(
                             f"backends[{b_index}].{what}",
-                            f"needs mode: http, but frontends[{f_index}] uses this backend in mode tcp",
+                            f"needs mode: {' or '.join(allowed)}, but frontends[{f_index}] uses this backend"
+                            f" in mode {frontend.get('mode', 'tcp')}",
                         )
                     )
         check = backend.get("check")
@@ -713,6 +813,8 @@ BUILTIN_CHECK: dict[str, Any] = {
     "tls_verify": False,
     "command": None,
     "error_limit": 3,
+    "calling_ae": "MEDLB",
+    "called_ae": None,
 }
 BUILTIN_AGENT: dict[str, Any] = {"port": None, "address": None, "inter": 2.0, "send": None, "enabled": None}
 
@@ -753,6 +855,8 @@ class ResolvedCheck:
     tls_verify: bool
     command: str | None
     error_limit: int
+    calling_ae: str
+    called_ae: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -779,6 +883,8 @@ def resolve_check(config: Config, backend: BackendConfig, server: ServerConfig) 
     merged["downinter"] = merged["downinter"] or merged["inter"]
     if merged["expect_status"] is not None:
         merged["expect_status"] = tuple(merged["expect_status"])
+    # dicom-echo calls the server by its own AE title unless the check names another.
+    merged["called_ae"] = merged["called_ae"] or server.ae_title or "ANY-SCP"
     return ResolvedCheck(**merged)
 
 

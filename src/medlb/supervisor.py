@@ -34,6 +34,7 @@ from medlb.checks.scheduler import ServerChecker, numeric_sockaddr
 from medlb.config import (
     BackendConfig,
     Config,
+    DicomFrontendSettings,
     FrontendConfig,
     HostPort,
     HttpFrontendSettings,
@@ -46,10 +47,12 @@ from medlb.config import (
     resolve_timeouts,
 )
 from medlb.errors import ConfigError, StartupError
+from medlb.io.dicom import DicomSettings
 from medlb.io.frontend import Frontend, Listener, open_listener
 from medlb.io.http import HttpPersistence, HttpSettings
 from medlb.io.runtime import Runtime
 from medlb.io.tls import ClientTls, client_tls, server_tls
+from medlb.layers.dicom import DicomPolicy
 from medlb.layers.http_rules import Router
 from medlb.model.backend import Backend, BackendPolicy
 from medlb.model.persistence import Persistence, StickTable
@@ -137,6 +140,7 @@ class Supervisor:
             admin_state=AdminState(s_cfg.admin_state),
             now=now,
         )
+        server.ae_title = s_cfg.ae_title
         if s_cfg.address.is_literal:
             server.sockaddr = numeric_sockaddr(s_cfg.address.host, s_cfg.address.port)
         return server
@@ -150,7 +154,7 @@ class Supervisor:
             if f_cfg.default_backend == b_cfg.name:
                 vip, vport = f_cfg.bind[0].host, f_cfg.bind[0].port
                 break
-        return ServerChecker(
+        checker = ServerChecker(
             server,
             resolve_check(config, b_cfg, s_cfg),
             resolve_agent(config, b_cfg, s_cfg),
@@ -159,6 +163,9 @@ class Supervisor:
             vport=vport,
             rng=random.Random(),
         )
+        if b_cfg.tls is not None and checker.check.type == "dicom-echo":
+            checker.tls = client_tls(b_cfg.tls)  # a TLS-only archive is checked over TLS too
+        return checker
 
     @staticmethod
     def _policy(config: Config, b_cfg: BackendConfig) -> BackendPolicy:
@@ -185,11 +192,19 @@ class Supervisor:
         runtime.backend_tls.update(backend_tls(config))
         runtime.persistence.update(persistence_rules(config, {}))
         http = {f_cfg.name: http_settings(f_cfg) for f_cfg in config.frontends}
+        dicom = {f_cfg.name: dicom_settings(f_cfg) for f_cfg in config.frontends}
         for f_cfg in config.frontends:
-            runtime.frontends[f_cfg.name] = self._make_frontend(loop, config, f_cfg, http[f_cfg.name])
+            runtime.frontends[f_cfg.name] = self._make_frontend(
+                loop, config, f_cfg, http[f_cfg.name], dicom[f_cfg.name]
+            )
 
     def _make_frontend(
-        self, loop: asyncio.AbstractEventLoop, config: Config, f_cfg: FrontendConfig, http: HttpSettings | None
+        self,
+        loop: asyncio.AbstractEventLoop,
+        config: Config,
+        f_cfg: FrontendConfig,
+        http: HttpSettings | None,
+        dicom: DicomSettings | None = None,
     ) -> Frontend:
         backend = self.runtime.backends[f_cfg.default_backend]
         frontend = Frontend(
@@ -197,6 +212,7 @@ class Supervisor:
             f_cfg.name,
             backend,
             http=http,
+            dicom=dicom,
             maxconn=f_cfg.maxconn,
             timeouts=resolve_timeouts(config, config.backend(f_cfg.default_backend), f_cfg),
             observer=self.runtime,
@@ -337,6 +353,7 @@ class Supervisor:
         # once before anything changes, so a failure leaves everything as it was.
         try:
             http = {f_cfg.name: http_settings(f_cfg) for f_cfg in new.frontends}
+            dicom = {f_cfg.name: dicom_settings(f_cfg) for f_cfg in new.frontends}
             tls_to_servers = backend_tls(new)
             if new.admin is not None and self.admin is not None:
                 load_token(new.admin)
@@ -347,7 +364,7 @@ class Supervisor:
             _close_all(opened)
             return ReloadResult(False, str(exc))
         try:
-            summary = self._apply(new, keep, opened, http, tls_to_servers)
+            summary = self._apply(new, keep, opened, http, dicom, tls_to_servers)
         except Exception as exc:  # a bug, not a config problem: keep serving, say so loudly
             log.exception("reload failed while applying the new configuration")
             _close_all(opened)
@@ -360,6 +377,7 @@ class Supervisor:
         keep: dict[HostPort, Listener],
         opened: list[tuple[str, HostPort, socket.socket]],
         http: dict[str, HttpSettings | None],
+        dicom: dict[str, DicomSettings | None],
         tls_to_servers: dict[str, ClientTls],
     ) -> str:
         old = self.config
@@ -441,7 +459,7 @@ class Supervisor:
             frontend = runtime.frontends.get(f_cfg.name)
             backend = runtime.backends[f_cfg.default_backend]
             if frontend is None:
-                frontend = self._make_frontend(loop, new, f_cfg, http[f_cfg.name])
+                frontend = self._make_frontend(loop, new, f_cfg, http[f_cfg.name], dicom[f_cfg.name])
                 runtime.frontends[f_cfg.name] = frontend
             else:
                 frontend.reconfigure(
@@ -450,6 +468,7 @@ class Supervisor:
                     timeouts=resolve_timeouts(new, new.backend(f_cfg.default_backend), f_cfg),
                     splice=new.global_.splice,
                     http=http[f_cfg.name],
+                    dicom=dicom[f_cfg.name],
                 )
             for bind in f_cfg.bind:
                 if bind in moving:
@@ -515,6 +534,7 @@ class Supervisor:
             deferred.append(functools.partial(server.set_admin_state, state, now, "config reload"))
         server.maxconn = s_cfg.maxconn
         server.backup = s_cfg.backup
+        server.ae_title = s_cfg.ae_title
         server.slowstart = _slowstart(new, b_cfg, s_cfg)
         check = resolve_check(new, b_cfg, s_cfg)
         server.health.rise, server.health.fall = check.rise, check.fall
@@ -649,6 +669,31 @@ def http_settings(f_cfg: FrontendConfig) -> HttpSettings | None:
         trusted=tuple(ipaddress.ip_network(n) for n in h.trusted_proxies),
         tls=server_tls(f_cfg.tls) if f_cfg.tls is not None else None,
         router=Router.compile(f_cfg),
+    )
+
+
+def dicom_settings(f_cfg: FrontendConfig) -> DicomSettings | None:
+    """The I/O ring's view of a frontend's ``dicom:`` section (None unless ``mode: dicom``).
+
+    DICOM TLS (BCP 195 profile, PS3.15 Annex B.12) asks for client certificates: ``client_verify``
+    defaults to ``required`` here, and no ALPN is offered (DICOM has no ALPN name).
+    """
+    if f_cfg.mode != "dicom":
+        return None
+    d = f_cfg.dicom or DicomFrontendSettings()
+    tls = None
+    if f_cfg.tls is not None:
+        verify = f_cfg.tls.client_verify if "client_verify" in f_cfg.tls.model_fields_set else "required"
+        tls = server_tls(f_cfg.tls.model_copy(update={"alpn": [], "client_verify": verify}))
+    return DicomSettings(
+        policy=DicomPolicy.compile(f_cfg),
+        artim_timeout=d.artim_timeout,
+        association_timeout=d.association_timeout,
+        max_associate_pdu=d.max_associate_pdu,
+        calling_ae=d.calling_ae,
+        async_ops=d.async_ops,
+        hash_calling_ae=d.hash == "calling_ae",
+        tls=tls,
     )
 
 

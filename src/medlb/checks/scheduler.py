@@ -30,13 +30,24 @@ import logging
 import random
 import socket
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from medlb.checks.agent import apply_agent_reply, fetch_agent, parse_agent_reply
 from medlb.checks.external import external_probe
-from medlb.checks.probes import ProbeResult, describe_error, format_duration, http_probe, tcp_probe
+from medlb.checks.probes import (
+    ProbeResult,
+    describe_error,
+    dicom_echo_probe,
+    format_duration,
+    http_probe,
+    tcp_probe,
+)
 from medlb.config import ResolvedAgent, ResolvedCheck
 from medlb.model.health import OpState, next_interval
 from medlb.model.server import AdminState, CheckResult, Server
+
+if TYPE_CHECKING:
+    from medlb.io.tls import ClientTls
 
 __all__ = ["ServerChecker", "numeric_sockaddr"]
 
@@ -87,6 +98,8 @@ class ServerChecker:
         self._agent_unknown: tuple[str, ...] = ()
         #: Probes started by :meth:`run` (for status output and tests).
         self.checks_run = 0
+        #: TLS towards the server (the backend's ``tls:``), used by ``dicom-echo`` checks.
+        self.tls: ClientTls | None = None
 
     def __repr__(self) -> str:
         return f"<ServerChecker {self.server.key} {self.check.type}>"
@@ -194,6 +207,17 @@ class ServerChecker:
                 expect_body=check.expect_body,
                 timeout=self.check_timeout,
                 tls_verify=check.tls_verify,
+            )
+        if kind == "dicom-echo":
+            client_tls = self.tls
+            return await dicom_echo_probe(
+                host,
+                port,
+                calling_ae=check.calling_ae,
+                called_ae=check.called_ae or "ANY-SCP",
+                timeout=self.check_timeout,
+                ssl_context=client_tls.context if client_tls is not None else None,
+                server_hostname=(client_tls.sni or self.server.address.host) if client_tls is not None else None,
             )
         if kind == "external":
             if not check.command:

@@ -18,6 +18,7 @@ from typing import Protocol
 
 from medlb.config import HostPort, ResolvedTimeouts
 from medlb.errors import StartupError
+from medlb.io.dicom import DicomSession, DicomSettings
 from medlb.io.http import HttpPersistence, HttpSession, HttpSettings, Pools
 from medlb.io.session import TcpSession
 from medlb.io.tls import ClientTls
@@ -171,10 +172,13 @@ class Frontend:
         splice: bool = True,
         log_sessions: bool = True,
         http: HttpSettings | None = None,
+        dicom: DicomSettings | None = None,
     ) -> None:
         self.loop = loop
-        #: ``mode: http`` settings; None for ``mode: tcp``.
+        #: ``mode: http`` settings; None for the other modes.
         self.http = http
+        #: ``mode: dicom`` settings; None for the other modes.
+        self.dicom = dicom
         #: Keep-alive connections to servers, shared by this frontend's HTTP sessions.
         self.pools = Pools()
         #: TLS towards servers, by backend name (shared with the runtime, updated on reload).
@@ -194,7 +198,7 @@ class Frontend:
         self.splice = splice
         self.log_sessions = log_sessions
         self.listeners: list[Listener] = []
-        self.sessions: set[TcpSession | HttpSession] = set()
+        self.sessions: set[TcpSession | HttpSession | DicomSession] = set()
         self.total_sessions = 0
         self.stopping = False
         self.idle_event = asyncio.Event()
@@ -208,7 +212,7 @@ class Frontend:
 
     @property
     def mode(self) -> str:
-        return "tcp" if self.http is None else "http"
+        return "http" if self.http is not None else "dicom" if self.dicom is not None else "tcp"
 
     @property
     def cur_sessions(self) -> int:
@@ -233,6 +237,7 @@ class Frontend:
         timeouts: ResolvedTimeouts,
         splice: bool,
         http: HttpSettings | None = None,
+        dicom: DicomSettings | None = None,
     ) -> None:
         """Apply a reloaded configuration; listeners and running sessions are untouched.
 
@@ -241,6 +246,7 @@ class Frontend:
         """
         self.backend = backend
         self.http = http
+        self.dicom = dicom
         self.timeouts = timeouts
         self.splice = splice
         self.idle_timeout = min(timeouts.client, timeouts.server)
@@ -280,9 +286,13 @@ class Frontend:
             self._sweeper = None
 
     def accepted(self, conn: socket.socket, addr: tuple[str, int]) -> None:
-        session: TcpSession | HttpSession = (
-            TcpSession(self, conn, addr) if self.http is None else HttpSession(self, conn, addr)
-        )
+        session: TcpSession | HttpSession | DicomSession
+        if self.http is not None:
+            session = HttpSession(self, conn, addr)
+        elif self.dicom is not None:
+            session = DicomSession(self, conn, addr)
+        else:
+            session = TcpSession(self, conn, addr)
         self.sessions.add(session)
         self.total_sessions += 1
         self.backend.total_sessions += 1
@@ -293,7 +303,7 @@ class Frontend:
                 listener.pause()
         session.start()
 
-    def session_ended(self, session: TcpSession | HttpSession) -> None:
+    def session_ended(self, session: TcpSession | HttpSession | DicomSession) -> None:
         sessions = self.sessions
         was_full = len(sessions) >= self.maxconn
         sessions.discard(session)

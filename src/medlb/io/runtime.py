@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 from medlb.checks.scheduler import ServerChecker
 from medlb.config import Config, ServerConfig
+from medlb.io.dicom import DicomSession
 from medlb.io.frontend import Frontend
 from medlb.io.http import HttpPersistence, HttpSession
 from medlb.io.session import TcpSession
@@ -107,11 +108,11 @@ class Runtime:
     def all_frontends(self) -> list[Frontend]:
         return [*self.frontends.values(), *self.retired_frontends]
 
-    def sessions(self) -> Iterator[TcpSession | HttpSession]:
+    def sessions(self) -> Iterator[TcpSession | HttpSession | DicomSession]:
         for frontend in self.all_frontends():
             yield from frontend.sessions
 
-    def sessions_of(self, server: Server) -> list[TcpSession | HttpSession]:
+    def sessions_of(self, server: Server) -> list[TcpSession | HttpSession | DicomSession]:
         return [s for s in self.sessions() if s.server is server]
 
     def live_bytes(self) -> dict[Server, tuple[int, int]]:

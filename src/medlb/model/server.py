@@ -52,6 +52,7 @@ class Server:
         "address",
         "admin_source",
         "admin_state",
+        "ae_title",
         "agent_pct",
         "backend_name",
         "backup",
@@ -97,6 +98,8 @@ class Server:
         self.name = name
         self.backend_name = backend_name
         self.address = address
+        #: ``mode: dicom``: the server's own AE title (associations are readdressed to it), or None.
+        self.ae_title: str | None = None
         #: Resolved socket address (family, sockaddr); None until resolution succeeds.
         self.sockaddr: tuple[int, tuple[str, int] | tuple[str, int, int, int]] | None = None
         self.weight = weight
