@@ -2,7 +2,8 @@
 # Install the Debian packages medlb's tests and benchmarks use, only when missing.
 # Real peers, never mocks: HAProxy is the balancer to beat, iperf3/wrk/nginx load
 # and serve the benchmarks, Chromium runs the dashboard test. Later modes add their peers
-# (dcmtk, ...) here. Orthanc with its DICOMweb plugin is the real DICOMweb server behind medlb.
+# here. Orthanc with its DICOMweb plugin is the real DICOMweb server behind medlb; DCMTK's
+# echoscu/storescu/findscu/storescp are the real DICOM peers of mode: dicom.
 set -euo pipefail
 
 # binary -> Debian package
@@ -17,11 +18,19 @@ declare -A NEED=(
   [curl]=curl
   [openssl]=openssl
   [Orthanc]="orthanc orthanc-dicomweb"
+  [storescp]=dcmtk
+  [/usr/share/orthanc/plugins/libOrthancPostgreSQLIndex.so]="orthanc-postgresql postgresql"
 )
 
 missing=()
 for bin in "${!NEED[@]}"; do
-  if ! command -v "$bin" >/dev/null 2>&1 && [ ! -x "/usr/sbin/$bin" ]; then
+  # A key is a command name, or the absolute path of a file a package installs (plugins).
+  if [[ "$bin" == /* ]]; then
+    present=false; [ -e "$bin" ] && present=true
+  else
+    present=false; { command -v "$bin" >/dev/null 2>&1 || [ -x "/usr/sbin/$bin" ]; } && present=true
+  fi
+  if [ "$present" = false ]; then
     read -r -a pkgs <<< "${NEED[$bin]}"
     missing+=("${pkgs[@]}")
   fi
@@ -42,7 +51,7 @@ export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
 apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 # Debian starts nginx and haproxy as services on install; the tests run their own.
-for svc in nginx haproxy orthanc; do
+for svc in nginx haproxy orthanc postgresql; do
   if command -v systemctl >/dev/null 2>&1; then systemctl stop "$svc" >/dev/null 2>&1 || true; fi
   if command -v service >/dev/null 2>&1; then service "$svc" stop >/dev/null 2>&1 || true; fi
 done

@@ -122,6 +122,10 @@ def test_demo_serves_through_medlb_and_stops_on_sigint() -> None:
             proc.kill()
             raise AssertionError(f"demo did not serve: {seen}\n{proc.communicate()[0]}")
         assert seen.count("medlb demo: served by s2") == 4 and seen.count("medlb demo: served by s1") == 2
+        # The DICOM part: C-ECHO through the mode: dicom frontend, called ARCHIVE, reaches both demo
+        # archives (their own AE titles differ) once their C-ECHO checks have brought them UP.
+        echoed = _dicom_echoes(port + 4, count=4, deadline=time.monotonic() + 20)
+        assert echoed == [0, 0, 0, 0], echoed
         # The dashboard/API is up too, behind the token the banner prints.
         from tests.helpers import api
 
@@ -133,10 +137,34 @@ def test_demo_serves_through_medlb_and_stops_on_sigint() -> None:
         assert "medlb demo is running." in out and "medlb stopped" in out
         token = out.split("  token: ", 1)[1].split()[0]
         assert len(token) >= 16 and f"http://127.0.0.1:{port + 104}/" in out
+        # Round robin sent the C-ECHO associations to both archives, each called by its own AE title.
+        for archive, title in (("pacs1", "DEMO_PACS1"), ("pacs2", "DEMO_PACS2")):
+            assert f"server={archive} calling=MODALITY called=ARCHIVE server_ae={title}" in out
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
+
+
+def _dicom_echoes(port: int, *, count: int, deadline: float) -> list[int]:
+    """Statuses of ``count`` C-ECHOs (pynetdicom SCU), each on its own association; waits for the archives."""
+    import time
+
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(Verification)
+    statuses: list[int] = []
+    while len(statuses) < count and time.monotonic() < deadline:
+        assoc = ae.associate("127.0.0.1", port, ae_title="ARCHIVE")
+        if not assoc.is_established:
+            time.sleep(0.3)  # the archives are not UP yet: medlb answers with a transient reject
+            continue
+        status = assoc.send_c_echo()
+        statuses.append(int(status.Status))
+        assoc.release()
+    return statuses
 
 
 def _demo_port() -> int:
@@ -148,7 +176,7 @@ def _demo_port() -> int:
         port = random.randrange(20000, 30000)
         probes: list[socket.socket] = []
         try:
-            for candidate in (port, port + 101, port + 102, port + 103, port + 104):
+            for candidate in (port, port + 4, port + 101, port + 102, port + 103, port + 104, port + 105, port + 106):
                 probe = socket.socket()
                 probes.append(probe)
                 probe.bind(("127.0.0.1", candidate))

@@ -2,8 +2,12 @@
 
 Three demo backend servers (each greets with its own name, then echoes what it
 receives) behind a medlb frontend with health checks, so an engineer can see
-balancing, health checking and failover without any real PACS. Later modes
-(HTTP, DICOM, HL7) add their own demo backends here.
+balancing, health checking and failover without any real PACS.
+
+DICOM: two demo storage archives (pynetdicom, a development dependency that
+``make demo`` installs) with *different* AE titles, behind one ``mode: dicom``
+frontend called ``ARCHIVE``: medlb readdresses each association to the archive's
+own title, checks both with C-ECHO, and counts what flows.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import contextlib
 import logging
 import os
 import secrets
+import threading
 from typing import Any
 
 from medlb.config import Config, parse_config
@@ -21,6 +26,10 @@ from medlb.errors import StartupError
 log = logging.getLogger("medlb.demo")
 
 DEMO_TOKEN_ENV = "MEDLB_DEMO_TOKEN"
+#: The demo's DICOM frontend listens on the demo port plus this.
+DICOM_OFFSET = 4
+#: The demo archives: (server name, port offset from the demo port, their own AE title).
+DICOM_ARCHIVES = (("pacs1", 105, "DEMO_PACS1"), ("pacs2", 106, "DEMO_PACS2"))
 
 
 class DemoEchoServer:
@@ -46,6 +55,42 @@ class DemoEchoServer:
                 await writer.wait_closed()
 
 
+class DemoArchive:
+    """A DICOM storage SCP (any storage SOP class, and Verification) that keeps nothing but a count.
+
+    pynetdicom runs it in its own threads; it refuses associations not addressed to its own
+    AE title, as archives configured with ``DicomCheckCalledAet`` do, so the demo shows that
+    medlb's AE title rewriting is what makes two differently named archives one pool.
+    """
+
+    def __init__(self, ae_title: str) -> None:
+        self.ae_title = ae_title
+        self.stored = 0
+        self._lock = threading.Lock()
+        self._server: Any = None
+
+    def start(self, host: str, port: int) -> None:
+        from pynetdicom import AE, AllStoragePresentationContexts, evt
+        from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+        def on_store(event: Any) -> int:
+            with self._lock:
+                self.stored += 1
+            return 0x0000
+
+        logging.getLogger("pynetdicom").setLevel(logging.WARNING)  # medlb's own log tells the story
+        ae = AE(ae_title=self.ae_title)
+        ae.require_called_aet = True
+        ae.supported_contexts = AllStoragePresentationContexts
+        ae.add_supported_context(Verification)
+        self._server = ae.start_server((host, port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+
+
 def demo_config(host: str, port: int, admin_port: int = 9900) -> tuple[Config, list[tuple[str, int]]]:
     """The built-in config: the issue's contract example, pointed at the demo servers.
 
@@ -63,7 +108,14 @@ def demo_config(host: str, port: int, admin_port: int = 9900) -> tuple[Config, l
             "redispatch": True,
         },
         "frontends": [
-            {"name": "demo", "mode": "tcp", "bind": [f"{host}:{port}"], "maxconn": 10000, "default_backend": "pool"}
+            {"name": "demo", "mode": "tcp", "bind": [f"{host}:{port}"], "maxconn": 10000, "default_backend": "pool"},
+            {
+                "name": "dicom",
+                "mode": "dicom",
+                "bind": [f"{host}:{port + DICOM_OFFSET}"],
+                "default_backend": "archives",
+                "dicom": {"allow_called": ["ARCHIVE"]},
+            },
         ],
         "backends": [
             {
@@ -75,7 +127,16 @@ def demo_config(host: str, port: int, admin_port: int = 9900) -> tuple[Config, l
                     {"name": "s2", "address": f"{host}:{servers[1][1]}", "weight": 2, "maxconn": 500},
                     {"name": "s3", "address": f"{host}:{servers[2][1]}", "backup": True},
                 ],
-            }
+            },
+            {
+                "name": "archives",
+                "balance": "roundrobin",
+                "check": {"type": "dicom-echo", "calling_ae": "MEDLB"},
+                "servers": [
+                    {"name": name, "address": f"{host}:{port + offset}", "ae_title": title}
+                    for name, offset, title in DICOM_ARCHIVES
+                ],
+            },
         ],
     }
     return parse_config(raw, "<demo>"), servers
@@ -95,6 +156,13 @@ Try:
       run it a few times: s2 answers two sessions in three (weight 2), interleaved with s1
   bash -c 'exec 3<>/dev/tcp/{host}/{port}; head -1 <&3'
 
+DICOM (mode dicom) on {host}:{port + DICOM_OFFSET}, called AE ARCHIVE -> archives pacs1 (DEMO_PACS1) and pacs2
+(DEMO_PACS2), checked with C-ECHO; medlb readdresses each association to the archive's own AE title:
+  echoscu -aet MODALITY -aec ARCHIVE {host} {port + DICOM_OFFSET}
+  storescu -aet MODALITY -aec ARCHIVE {host} {port + DICOM_OFFSET} some.dcm
+  echoscu -aet MODALITY -aec OTHER {host} {port + DICOM_OFFSET}      (refused: called AE not recognised)
+  (DCMTK: apt-get install dcmtk; export TCP_NODELAY=1 for realistic speed)
+
 Dashboard and admin API: http://{host}:{admin_port}/   (log in with the token below)
   token: {token}
   export MEDLB_URL=http://{host}:{admin_port} MEDLB_TOKEN={token}
@@ -111,7 +179,15 @@ async def _demo_main(host: str, port: int, admin_port: int) -> int:
     token = os.environ.setdefault(DEMO_TOKEN_ENV, secrets.token_urlsafe(24))
     config, servers = demo_config(host, port, admin_port)
     started: list[asyncio.Server] = []
+    archives: list[DemoArchive] = []
     try:
+        for _, offset, title in DICOM_ARCHIVES:
+            archive = DemoArchive(title)
+            try:
+                archive.start(host, port + offset)
+            except OSError as exc:
+                raise StartupError(f"demo archive {title} cannot bind {host}:{port + offset}: {exc.strerror}") from None
+            archives.append(archive)
         for name, server_port in servers:
             echo = DemoEchoServer(name)
             try:
@@ -130,6 +206,8 @@ async def _demo_main(host: str, port: int, admin_port: int) -> int:
     finally:
         for server in started:
             server.close()
+        for archive in archives:
+            archive.stop()
 
 
 def run_demo(host: str = "127.0.0.1", port: int = 7000, admin_port: int = 9900) -> int:

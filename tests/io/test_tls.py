@@ -73,7 +73,11 @@ def _issue(pki: Path, name: str, subject: str, san: str | None) -> None:
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    d = tmp_path_factory.mktemp("pki")
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+def make_pki(d: Path) -> Pki:
+    """A test CA and certificates issued by it (server, client, backend), plus an unrelated CA."""
     _openssl(
         "req",
         "-x509",

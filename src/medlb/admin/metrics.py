@@ -108,6 +108,8 @@ FAMILIES: tuple[tuple[str, str, str], ...] = (
     ("counter", "medlb_server_retries_total", "Connection attempts retried after failing on the server."),
     ("counter", "medlb_server_redispatch_total", "Sessions redispatched to the server after failing on another."),
     ("counter", "medlb_server_state_changes_total", "Op and admin state changes of the server."),
+    ("counter", "medlb_server_dimse_requests_total", "mode dicom: DIMSE requests relayed to the server, by command."),
+    ("counter", "medlb_server_dimse_responses_total", "mode dicom: final DIMSE responses from the server, by status."),
     ("gauge", "medlb_server_last_state_change_seconds", "Unix time of the server's last op or admin state change."),
     ("gauge", "medlb_server_check_duration_seconds", "Duration of the last health check (absent before the first)."),
     ("gauge", "medlb_server_last_check_ok", "1 if the last health check passed, 0 if not (absent before the first)."),
@@ -300,6 +302,10 @@ class RuntimeCollector(Collector):
             _put(fam["medlb_server_retries_total"], labels, server.retries)
             _put(fam["medlb_server_redispatch_total"], labels, server.redispatches)
             _put(fam["medlb_server_state_changes_total"], labels, server.state_changes)
+            for command, count in list(server.dimse_requests.items()):
+                _put(fam["medlb_server_dimse_requests_total"], {**labels, "command": command}, count)
+            for status, count in list(server.dimse_responses.items()):
+                _put(fam["medlb_server_dimse_responses_total"], {**labels, "status": status}, count)
             _put(fam["medlb_server_last_state_change_seconds"], labels, runtime.wall(server.last_change))
             check = server.last_check
             if check is not None:

@@ -44,6 +44,7 @@ def server_doc(
         "retries": server.retries,
         "redispatches": server.redispatches,
         "state_changes": server.state_changes,
+        "dimse": {"requests": dict(server.dimse_requests), "responses": dict(server.dimse_responses)},
         "last_check": None
         if check is None
         else {

@@ -129,11 +129,19 @@ class Runtime:
         for server in self.retired_servers:
             out[server] = (server.bytes_in, server.bytes_out)
         for session in self.sessions():
-            live, relay = session.server, session.relay
-            if live is None or relay is None or relay.closed:
+            live = session.server
+            if live is None:
                 continue
+            if isinstance(session, DicomSession):
+                # An association relays through asyncio transports and counts its own bytes.
+                c2s, s2c = session.bytes_in, session.bytes_out
+            else:
+                relay = session.relay
+                if relay is None or relay.closed:
+                    continue
+                c2s, s2c = relay.bytes_c2s, relay.bytes_s2c
             b_in, b_out = out.get(live, (live.bytes_in, live.bytes_out))
-            out[live] = (b_in + relay.bytes_c2s, b_out + relay.bytes_s2c)
+            out[live] = (b_in + c2s, b_out + s2c)
         return out
 
     def shutdown_sessions(self, server: Server, cause: str) -> int:

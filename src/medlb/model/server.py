@@ -61,6 +61,8 @@ class Server:
         "connect_errors",
         "consecutive_errors",
         "cur_sessions",
+        "dimse_requests",
+        "dimse_responses",
         "ever_up",
         "health",
         "last_agent",
@@ -128,6 +130,10 @@ class Server:
         self.retries = 0
         self.redispatches = 0
         self.state_changes = 0
+        #: ``mode: dicom``: DIMSE requests by command name ("C-STORE-RQ") and final responses by
+        #: status category ("success", "warning", "failure", "cancel"), counted as they pass.
+        self.dimse_requests: dict[str, int] = {}
+        self.dimse_responses: dict[str, int] = {}
 
     def __repr__(self) -> str:
         return f"<Server {self.backend_name}/{self.name} {self.address} {self.op_state.name}/{self.admin_state.name}>"

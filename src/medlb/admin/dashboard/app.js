@@ -778,6 +778,8 @@
     v.sessionsSub = el("span", { class: "sub" });
     v.tput = el("span", { class: "tput" });
     v.tputSub = el("span", { class: "sub" });
+    // mode dicom: what the associations carried (DIMSE requests and final response statuses).
+    v.dimse = el("span", { class: "sub dimse" });
     v.sparkBox = el("div", {
       class: "spark",
       role: "img",
@@ -805,12 +807,28 @@
       el("td", null, v.pill, v.pillSub),
       el("td", { class: "num" }, v.weight, v.weightSub),
       el("td", { class: "num" }, v.sessions, v.sessionsSub),
-      el("td", { class: "num" }, v.tput, v.tputSub),
+      el("td", { class: "num" }, v.tput, v.tputSub, v.dimse),
       el("td", null, v.sparkBox),
       el("td", null, v.check),
       el("td", null, actions),
     );
     return v;
+  }
+
+  // "C-STORE 1,200 · C-ECHO 3 · ok 1,203 · warn 1 · fail 0" from a server's DIMSE counters, or "".
+  function dimseText(d) {
+    if (!d || !d.requests) return "";
+    var parts = Object.keys(d.requests)
+      .sort()
+      .map(function (k) {
+        return k.replace(/-RQ$/, "") + " " + fmtInt(d.requests[k]);
+      });
+    if (!parts.length) return "";
+    var r = d.responses || {};
+    parts.push("ok " + fmtInt(r.success || 0));
+    if (r.warning) parts.push("warn " + fmtInt(r.warning));
+    parts.push("fail " + fmtInt(r.failure || 0));
+    return parts.join(" · ");
   }
 
   function updateServerRow(v, s, now) {
@@ -855,6 +873,8 @@
       v.tputSub,
       r.in === null && r.out === null ? "" : "in " + fmtBytesRate(r.in) + " · out " + fmtBytesRate(r.out),
     );
+
+    setText(v.dimse, dimseText(s.dimse));
 
     var c = s.last_check;
     if (!c) {
