@@ -441,6 +441,9 @@ async def dicom_echo_probe(
     start = loop.time()
     writer: asyncio.StreamWriter | None = None
     limit = 1 << 20
+    # The C-ECHO-RSP status, once received. A failure status settles the verdict: a release that
+    # then goes wrong (no RP in time, connection closed) must not turn it into a network verdict.
+    status: int | None = None
     try:
         async with asyncio.timeout(timeout):
             reader, writer = await asyncio.open_connection(
@@ -484,10 +487,13 @@ async def dicom_echo_probe(
                 return ProbeResult(False, f"release answered with PDU type 0x{pdu_type:02x}")
             return ProbeResult(True, f"C-ECHO OK in {elapsed}")
     except TimeoutError:
-        return ProbeResult(False, f"no response: {_timeout_text(timeout)}")
+        text = f"no response: {_timeout_text(timeout)}"
     except DicomProtocolError as exc:
-        return ProbeResult(False, f"DICOM protocol error: {exc}"[:_MAX_TEXT])
+        text = f"DICOM protocol error: {exc}"[:_MAX_TEXT]
     except Exception as exc:
-        return ProbeResult(False, describe_error(exc))
+        text = describe_error(exc)
     finally:
         _close(writer, tls=ssl_context is not None)
+    if status:  # failed during the release, after a failure status: the status is the verdict
+        text = f"C-ECHO status 0x{status:04X}"
+    return ProbeResult(False, text)

@@ -118,8 +118,8 @@ class AssociationTap:
                     continue
                 if state == _HDR:
                     self._pdu_header()
-                else:
-                    self._pdv_header()
+                elif self._pdv_header():  # an empty fragment (item length 2) ends with its header
+                    events = self._end_fragment(events)
                 continue
             if state == _CMD:
                 take = min(self._left_pdv, end - pos)
@@ -129,13 +129,7 @@ class AssociationTap:
                 pos += take
                 self._left_pdv -= take
                 if not self._left_pdv:
-                    if self._pdv_flags & 0x02:  # last fragment: the command set is whole
-                        command = parse_command_set(bytes(self._cmd))
-                        self._cmd.clear()
-                        if events is None:
-                            events = TapEvents()
-                        events.commands.append(command)
-                    self._fragment_done()
+                    events = self._end_fragment(events)
                 continue
             # _BODY: a release or abort PDU body (4 bytes): nothing to keep.
             step = min(self._left_pdu, end - pos)
@@ -164,7 +158,8 @@ class AssociationTap:
         self._left_pdu = length
         self._state = _PDV_HDR if pdu_type == P_DATA_TF else _BODY
 
-    def _pdv_header(self) -> None:
+    def _pdv_header(self) -> bool:
+        """Take a PDV item header; True when its fragment is empty, i.e. the item already ended."""
         hdr = self._hdr
         item_length = int.from_bytes(hdr[0:4], "big")
         context_id = hdr[4]
@@ -178,8 +173,22 @@ class AssociationTap:
         self._left_pdv = item_length - 2
         self._pdv_flags = flags
         self._state = _CMD if flags & 0x01 else _DATA
-        if not self._left_pdv:
-            self._fragment_done()
+        return not self._left_pdv
+
+    def _end_fragment(self, events: TapEvents | None) -> TapEvents | None:
+        """A PDV item ended: complete the command set if it was its last fragment, then move on.
+
+        Also for an empty last command fragment (PDV item length 2), which PS3.8 allows: skipping it
+        would leave the command's bytes in the buffer, glued to the next command.
+        """
+        if self._state == _CMD and self._pdv_flags & 0x02:  # last fragment: the command set is whole
+            command = parse_command_set(bytes(self._cmd))
+            self._cmd.clear()
+            if events is None:
+                events = TapEvents()
+            events.commands.append(command)
+        self._fragment_done()
+        return events
 
     def _fragment_done(self) -> None:
         if self._left_pdu:
