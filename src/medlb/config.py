@@ -443,6 +443,8 @@ class DicomFrontendSettings(_Strict):
     - ``association_timeout``: how long medlb may spend finding a server that accepts (connects,
       retries and the server's A-ASSOCIATE-AC). Keep it below the clients' own ACSE timeout
       (30 s in DCMTK and pynetdicom) so they get a clear reject instead of a timeout.
+    - ``answer_timeout``: how long one server may take to answer the A-ASSOCIATE-RQ before the
+      association is tried on another one (a busy single-threaded archive, a hung process).
     - ``max_associate_pdu``: largest A-ASSOCIATE-RQ/AC accepted, checked from the PDU header.
     - ``allow_calling`` / ``allow_called`` / ``allow_networks``: access lists (empty: anyone).
       A refused association gets A-ASSOCIATE-RJ (permanent; calling AE not recognised = reason 3,
@@ -458,6 +460,7 @@ class DicomFrontendSettings(_Strict):
 
     artim_timeout: Duration = 10.0
     association_timeout: Duration = 25.0
+    answer_timeout: Duration = 5.0
     max_associate_pdu: Annotated[int, Field(ge=1024, le=1 << 20)] = 65536
     allow_calling: list[AePattern] = []
     allow_called: list[AePattern] = []

@@ -689,6 +689,7 @@ def dicom_settings(f_cfg: FrontendConfig) -> DicomSettings | None:
         policy=DicomPolicy.compile(f_cfg),
         artim_timeout=d.artim_timeout,
         association_timeout=d.association_timeout,
+        answer_timeout=d.answer_timeout,
         max_associate_pdu=d.max_associate_pdu,
         calling_ae=d.calling_ae,
         async_ops=d.async_ops,

@@ -72,6 +72,7 @@ class DicomSettings:
     policy: DicomPolicy = field(default_factory=DicomPolicy)
     artim_timeout: float = 10.0
     association_timeout: float = 25.0
+    answer_timeout: float = 5.0
     max_associate_pdu: int = 65536
     calling_ae: str | None = None
     async_ops: bool = False
@@ -182,6 +183,7 @@ class DicomSession(asyncio.Protocol):
         self.deadline = 0.0
         self.timer: asyncio.TimerHandle | None = None
         self.connect_task: asyncio.Task[None] | None = None
+        self.answer_timer: asyncio.TimerHandle | None = None
         self.tap_in = AssociationTap()  # client -> server
         self.tap_out = AssociationTap()  # server -> client
         self.commands: Counter[str] = Counter()
@@ -192,6 +194,7 @@ class DicomSession(asyncio.Protocol):
         self.release_requested = False
         self.started = self.loop.time()
         self.t_established = -1.0
+        self.quiet_since = 0.0
         self.active = False
         self.cause = ""
         self._ended = False
@@ -244,11 +247,19 @@ class DicomSession(asyncio.Protocol):
         elif phase == _CHOOSING:
             self._give_up(SERVERS_FAILED, "association_timeout")
         elif phase == _RELAY:
+            # The tick only samples ``active`` (the hot path just sets a flag), so idleness is
+            # measured from the last tick that saw traffic: an association is aborted between one
+            # idle timeout and one tick after it (docs/configuration.md), never after a single
+            # quiet tick. An idle timeout of 0 means none, as for the other modes' sweeper.
+            now = self.loop.time()
+            idle = self.frontend.idle_timeout
             if self.active:
                 self.active = False
-                self._arm(self._idle_check_interval())
-            else:
+                self.quiet_since = now
+            elif idle > 0 and now - self.quiet_since >= idle:
                 self.abort("idle_timeout")
+                return
+            self._arm(self._idle_check_interval())
 
     def _idle_check_interval(self) -> float:
         """Idle associations are aborted after the idle timeout; checked in quarters of it."""
@@ -440,6 +451,20 @@ class DicomSession(asyncio.Protocol):
         rq = self.rq
         assert rq is not None
         side.write(RawPdu(PduType.ASSOCIATE_RQ, body, rq.reserved).encode())
+        # A server that took the connection but does not answer (hung, or busy with another
+        # association) must not hold the client until association_timeout: try the next one.
+        wait = min(self.settings.answer_timeout, max(self.deadline - self.loop.time(), 0.001))
+        self.answer_timer = self.loop.call_later(wait, self._no_answer, side)
+
+    def _no_answer(self, side: _ServerSide) -> None:
+        self.answer_timer = None
+        server = self.server
+        if self.phase != _CHOOSING or self.server_side is not side or server is None:
+            return
+        log.info("server %s did not answer the association in %.1fs", server.key, self.settings.answer_timeout)
+        self.frontend.observer.report_connect_error(server)
+        self._drop_server_side()
+        self._server_failed(server)
 
     def _connect_failed(self, server: Server, reason: str) -> None:
         server.connect_errors += 1
@@ -450,12 +475,18 @@ class DicomSession(asyncio.Protocol):
 
     def _server_failed(self, server: Server) -> None:
         """This server will not serve the association: try another one, if time allows."""
+        self._cancel_answer_timer()
         self._release_server()
         if self.phase != _CHOOSING:
             return
         server.retries += 1
         self.excluded.append(server)
         self._try_next()
+
+    def _cancel_answer_timer(self) -> None:
+        if self.answer_timer is not None:
+            self.answer_timer.cancel()
+            self.answer_timer = None
 
     def _release_server(self) -> None:
         server, self.server = self.server, None
@@ -503,6 +534,7 @@ class DicomSession(asyncio.Protocol):
             self._server_failed(server)
 
     def _established(self, ac: RawPdu, more: list[RawPdu], reader: PduReader) -> None:
+        self._cancel_answer_timer()
         rq = self.rq
         assert rq is not None and self.transport is not None
         try:
@@ -515,7 +547,7 @@ class DicomSession(asyncio.Protocol):
             self._server_failed(server)
             return
         self.phase = _RELAY
-        self.t_established = self.loop.time()
+        self.t_established = self.quiet_since = self.loop.time()
         self.server_reader = None
         out = RawPdu(PduType.ASSOCIATE_AC, body, ac.reserved).encode()
         # PDUs the server sent right behind its AC (rare) are relayed like any other.
@@ -526,10 +558,15 @@ class DicomSession(asyncio.Protocol):
         self.transport.write(out)
         if tail:
             self.from_server(tail)
-        self._arm(self._idle_check_interval())
+        if self.frontend.idle_timeout > 0:
+            self._arm(self._idle_check_interval())
+        elif self.timer is not None:  # no idle timeout: only the association timer to stop
+            self.timer.cancel()
+            self.timer = None
         self.transport.resume_reading()
 
     def _server_rejected(self, rj: RawPdu) -> None:
+        self._cancel_answer_timer()
         server = self.server
         assert server is not None and self.transport is not None
         rj_pdu = rj.encode()
@@ -543,13 +580,21 @@ class DicomSession(asyncio.Protocol):
     # -- relay bookkeeping ---------------------------------------------------------------------
 
     def _count(self, events: TapEvents, *, from_client: bool) -> None:
+        """Count what the taps saw, per association (the log line) and per server (status, metrics)."""
+        server = self.server
         for command in events.commands:
             if command.is_response:
                 category = command.status_category
                 if category is not None and category is not StatusCategory.PENDING:
-                    self.statuses[category.name.lower()] += 1
+                    status = category.name.lower()
+                    self.statuses[status] += 1
+                    if server is not None:
+                        server.dimse_responses[status] = server.dimse_responses.get(status, 0) + 1
             else:
-                self.commands[command.name] += 1
+                name = command.name
+                self.commands[name] += 1
+                if server is not None:
+                    server.dimse_requests[name] = server.dimse_requests.get(name, 0) + 1
         for pdu_type in events.control:
             if pdu_type == RELEASE_RQ:
                 self.release_requested = True
@@ -685,6 +730,7 @@ class DicomSession(asyncio.Protocol):
         if self.phase == _DONE:
             return
         self.phase = _DONE
+        self._cancel_answer_timer()
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
