@@ -954,3 +954,32 @@ def test_dimse_counts_reach_the_status_api_and_the_metrics(lab: Lab, tmp_path: P
     assert code == 200
     assert 'medlb_server_dimse_requests_total{backend="archive",command="C-STORE-RQ",server="a1"} 2.0' in text
     assert 'medlb_server_dimse_responses_total{backend="archive",server="a1",status="success"} 3.0' in text
+
+
+# --------------------------------------------------------------------------- reload
+
+
+def test_a_reload_applies_new_access_lists_to_new_associations(lab: Lab) -> None:
+    import yaml
+
+    trap = lab.trap()
+    port = free_port()
+    config = dicom_config(port, [{"name": "t", "address": f"{HOST}:{trap.port}"}], check={"type": "none"})
+    config["frontends"][0]["dicom"] = {"allow_called": ["OLDNAME"]}
+    lb = lab.medlb(config)
+    wait_up(lb, "archive/t")
+
+    def reject_reason(called: str) -> int:
+        with socket.create_connection((HOST, port), timeout=5) as sock:
+            sock.sendall(associate_rq(called=called))
+            answer = recv_exact(sock, 10)
+        assert answer[0] == 0x03, answer.hex()  # A-ASSOCIATE-RJ
+        return answer[9]
+
+    assert reject_reason("NEWNAME") == 7
+    config["frontends"][0]["dicom"] = {"allow_called": ["NEWNAME"], "allow_calling": ["OTHERSCU"]}
+    lb.config_path.write_text(yaml.safe_dump(config))
+    lb.signal(signal.SIGHUP)
+    lb.wait_for_log("configuration reloaded by SIGHUP")
+    assert reject_reason("NEWNAME") == 3  # the called title passes now; RAWSCU is not an allowed caller
+    assert trap.accepted == 0
