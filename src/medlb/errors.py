@@ -10,6 +10,7 @@ a traceback::
     +-- ProtocolError        a peer sent bytes that break a protocol rule
         +-- ProxyProtocolError
         +-- DicomProtocolError   carries the A-ABORT (or A-ASSOCIATE-RJ) to answer with
+        +-- Hl7ProtocolError     carries the MSA-1 of the NAK to answer with, if any
 
 This module imports nothing from medlb: it sits in the innermost ring.
 """
@@ -97,3 +98,31 @@ class DicomProtocolError(ProtocolError):
         self.abort_source = abort_source
         self.abort_reason = abort_reason
         self.reject = reject
+
+
+class Hl7ProtocolError(ProtocolError):
+    """An HL7 v2 peer broke an MLLP framing rule or the ER7 encoding of a message header.
+
+    HL7 has no abort message: a sender learns about a failure from a NAK (an ACK whose MSA-1 is
+    AE/AR, or CE/CR in enhanced mode) or from the connection closing, after which its MLLP client
+    reconnects and resends (delivery is at-least-once). The error therefore carries what the layer
+    needs to choose between the two:
+
+    * ``ack_code``: the MSA-1 of the NAK to answer with, in original-mode spelling (``"AE"``: this
+      message will never be accepted, e.g. it is too large; ``"AR"``: it was rejected in transit,
+      resending may succeed), or ``None`` when no message can be identified (junk on the wire).
+      The codec maps it to CE/CR when the message asked for enhanced mode.
+    * ``head``: the first bytes of the offending message as received (bounded, never the whole
+      message), from which the layer reads MSH to address the NAK; ``b""`` when no message started.
+
+    The policy, documented in :mod:`medlb.proto.mllp`: answer the NAK when ``ack_code`` is set and
+    ``head`` holds a readable MSH, then close the connection; otherwise just close it.
+
+    The values are plain so this module keeps importing nothing from medlb; the NAK itself is built by
+    :func:`medlb.proto.hl7.nak_for_error`.
+    """
+
+    def __init__(self, message: str, *, ack_code: str | None = None, head: bytes = b"") -> None:
+        super().__init__(message)
+        self.ack_code = ack_code
+        self.head = head
