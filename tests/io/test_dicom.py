@@ -983,3 +983,45 @@ def test_a_reload_applies_new_access_lists_to_new_associations(lab: Lab) -> None
     lb.wait_for_log("configuration reloaded by SIGHUP")
     assert reject_reason("NEWNAME") == 3  # the called title passes now; RAWSCU is not an allowed caller
     assert trap.accepted == 0
+
+
+# --------------------------------------------------------------------------- release
+
+
+class ReleasingSCP(ThreadedServer):
+    """Accepts the association, answers the A-RELEASE-RQ with an RP, then waits for the requestor
+    to close (PS3.8 AR-3): ``closed_after_release`` is set when the connection ends."""
+
+    def __init__(self) -> None:
+        self.closed_after_release = threading.Event()
+        super().__init__()
+
+    def respond(self, sock: socket.socket) -> None:
+        try:
+            rq = read_pdu(sock)
+        except (ConnectionError, OSError):
+            return  # a TCP health check
+        sock.sendall(associate_ac_for(rq))
+        release = read_pdu(sock)
+        assert release[0] == 0x05, release.hex()
+        sock.sendall(bytes.fromhex("06000000000400000000"))
+        sock.settimeout(10)
+        if sock.recv(1) == b"":
+            self.closed_after_release.set()
+
+
+def test_the_server_connection_closes_as_soon_as_the_release_is_answered(lab: Lab) -> None:
+    scp = ReleasingSCP()
+    lab.stack.callback(scp.stop)
+    port = free_port()
+    lb = lab.medlb(dicom_config(port, [{"name": "r", "address": f"{HOST}:{scp.port}"}], check={"type": "none"}))
+    wait_up(lb, "archive/r")
+    with socket.create_connection((HOST, port), timeout=5) as client:
+        client.sendall(associate_rq())
+        assert read_pdu(client)[0] == 0x02
+        client.sendall(bytes.fromhex("05000000000400000000"))
+        assert read_pdu(client)[0] == 0x06
+        # The client has not closed yet: medlb, the release requestor on the server's leg, has.
+        assert scp.closed_after_release.wait(3), "the archive was kept waiting for the client's close"
+    lb.wait_for_log("calling=RAWSCU")
+    assert "term=released" in log_lines(lb, "calling=RAWSCU")[0]

@@ -246,6 +246,8 @@ class DicomSession(asyncio.Protocol):
             self._protocol_abort("artim_timeout", "no A-ASSOCIATE-RQ in time")
         elif phase == _CHOOSING:
             self._give_up(SERVERS_FAILED, "association_timeout")
+        elif phase == _RELAY and self.released and self.server_side is None:
+            self._end("released")  # the client never closed after its release: ARTIM expired
         elif phase == _RELAY:
             # The tick only samples ``active`` (the hot path just sets a flag), so idleness is
             # measured from the last tick that saw traffic: an association is aborted between one
@@ -508,6 +510,8 @@ class DicomSession(asyncio.Protocol):
                 self.transport.write(data)
             if events is not None:
                 self._count(events, from_client=False)
+                if self.released and self.release_requested and self.tap_out.at_boundary:
+                    self._server_released()
             return
         if self.phase != _CHOOSING:
             return
@@ -602,6 +606,20 @@ class DicomSession(asyncio.Protocol):
                 self.released = True
             elif pdu_type == ABORT:
                 self.cause = "client_abort" if from_client else "server_abort"
+
+    def _server_released(self) -> None:
+        """The server answered the client's A-RELEASE-RQ: close the server connection now.
+
+        PS3.8 (AR-3): the requestor of the release closes the transport once it has the
+        A-RELEASE-RP. medlb is the requestor on the server's leg, so it closes at once rather
+        than after the client's own close travels through: an archive that serves one
+        association at a time (DCMTK storescp) is free for the next one two hops earlier.
+        """
+        side, self.server_side = self.server_side, None
+        if side is not None:
+            side.close()
+        # The client closes next (it requested the release); ARTIM bounds the wait (AR-4 / Sta13).
+        self._arm(self.settings.artim_timeout)
 
     def _relay_protocol_error(self, side: str, exc: DicomProtocolError) -> None:
         log.info("dicom client=%s:%d %s broke the protocol: %s", self.client_ip, self.client_port, side, exc)
