@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: all deps venv demo test lint typecheck unit bench bench-http bench-smoke clean
+.PHONY: all deps venv demo test lint typecheck unit bench bench-http bench-dicom bench-smoke clean
 
 all: test
 
@@ -41,6 +41,9 @@ bench: deps venv
 
 bench-http: deps venv
 	$(BIN)/python bench/http_bench.py
+
+bench-dicom: deps venv
+	$(BIN)/python bench/dicom_bench.py
 
 bench-smoke: deps venv
 	$(BIN)/python bench/tcp_bench.py --smoke --out /tmp/medlb-bench-smoke.md
