@@ -364,8 +364,9 @@ class DicomSession(asyncio.Protocol):
                 return
             self._move_to(routed)
         try:
-            upstream = rq if self.settings.async_ops else with_async_ops_window(rq, None)
-            body = upstream.encode_body() if upstream is not rq else raw.body
+            # Only a request that offers the window is re-encoded; any other goes out byte for byte.
+            strip = not self.settings.async_ops and rq.user_information.async_ops_window is not None
+            body = with_async_ops_window(rq, None).encode_body() if strip else raw.body
         except DicomProtocolError as exc:
             self._protocol_abort("bad_rq", str(exc), reject=exc.reject)
             return
