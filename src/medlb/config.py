@@ -194,7 +194,7 @@ class FrontendTimeouts(_Strict):
 class CheckSettings(_Strict):
     """Health check settings; any level may set any key, inner levels win."""
 
-    type: Literal["tcp", "http", "https", "dicom-echo", "external", "none"] | None = None
+    type: Literal["tcp", "http", "https", "dicom-echo", "hl7", "external", "none"] | None = None
     inter: Duration | None = None
     fastinter: Duration | None = None
     downinter: Duration | None = None
@@ -212,6 +212,8 @@ class CheckSettings(_Strict):
     # dicom-echo: the AE titles of the check's association (called: the server's ae_title if unset)
     calling_ae: AeTitle | None = None
     called_ae: AeTitle | None = None
+    # hl7: the message to send; {control_id} and {timestamp} are filled in per check
+    hl7_message: Annotated[str, Field(min_length=8, max_length=65536)] | None = None
     # external
     command: str | None = None
     # passive observation: consecutive connect failures on live traffic
@@ -472,9 +474,63 @@ class DicomFrontendSettings(_Strict):
     certificate_ae_titles: dict[Annotated[str, Field(min_length=1, max_length=256)], list[AePattern]] = {}
 
 
+class Hl7RuleMatch(_Strict):
+    """Conditions of an HL7 routing rule on MSH fields; all given ones must hold (any pattern of a list).
+
+    Patterns use ``*`` and ``?``; ``message_type`` matches MSH-9 as sent (``ADT^A01`` or
+    ``ADT^A01^ADT_A01``: a pattern ``ADT^A0*`` matches both).
+    """
+
+    message_type: list[Annotated[str, Field(min_length=1, max_length=64)]] | None = None
+    sending_application: list[Annotated[str, Field(min_length=1, max_length=227)]] | None = None
+    sending_facility: list[Annotated[str, Field(min_length=1, max_length=227)]] | None = None
+    receiving_application: list[Annotated[str, Field(min_length=1, max_length=227)]] | None = None
+    receiving_facility: list[Annotated[str, Field(min_length=1, max_length=227)]] | None = None
+
+
+class Hl7Rule(_Strict):
+    """Send matching messages to ``use_backend``; the first matching rule wins."""
+
+    if_: Hl7RuleMatch = Field(default=Hl7RuleMatch(), alias="if")
+    use_backend: Name
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class Hl7FrontendSettings(_Strict):
+    """``mode: hl7``: message-level balancing over MLLP.
+
+    - ``max_message``: largest message accepted (results with PDFs are large); over it, AE and close.
+    - ``ack_timeout``: how long one server may take to acknowledge a message before it is sent to
+      another one (that server connection is closed: its late ACK can never be taken for another's).
+    - ``delivery_timeout``: how long medlb keeps trying servers before it answers the sender with a
+      NAK (``on_failure: nak``, AR/CR) or closes the connection (``on_failure: close``).
+    - ``order_key``: messages with the same key are delivered one at a time, in order: a field path
+      (``PID-3``, ``PID-3.1``, ``MSH-4``...), ``connection`` (per sender connection) or ``none``.
+    - ``retry_on_ae``: also try another server after an AE/CE (content error), when servers differ.
+    - ``dedup_window`` / ``dedup_size``: a message whose (MSH-3, MSH-4, MSH-10) was acknowledged in
+      the window is answered with that ACK and not delivered again (at-least-once senders resend).
+    - ``connections_per_server``: persistent MLLP connections medlb keeps to each server; one message
+      is outstanding on each (MLLP original mode is stop-and-wait).
+    """
+
+    max_message: Annotated[int, Field(ge=1024, le=1 << 30)] = 16 * 1024 * 1024
+    ack_timeout: Duration = 10.0
+    delivery_timeout: Duration = 60.0
+    order_key: Annotated[
+        str, Field(pattern=r"^(connection|none|[A-Z][A-Z0-9]{2}-[0-9]{1,3}(\[[0-9]{1,3}\])?(\.[0-9]{1,3}){0,2})$")
+    ] = "PID-3"
+    retry_on_ae: bool = False
+    dedup_window: Duration = 600.0
+    dedup_size: Annotated[int, Field(ge=0, le=10_000_000)] = 100_000
+    on_failure: Literal["nak", "close"] = "nak"
+    connections_per_server: Annotated[int, Field(ge=1, le=256)] = 4
+    rules: list[Hl7Rule] = []
+
+
 class FrontendConfig(_Strict):
     name: Name
-    mode: Literal["tcp", "http", "dicom"] = "tcp"
+    mode: Literal["tcp", "http", "dicom", "hl7"] = "tcp"
     bind: Annotated[list[BindAddress], Field(min_length=1)]
     maxconn: Annotated[int, Field(ge=1)] = 10000
     backlog: Annotated[int, Field(ge=1)] = 1024
@@ -487,6 +543,7 @@ class FrontendConfig(_Strict):
     response_headers: HeaderOps | None = None
     hsts: Hsts | None = None
     dicom: DicomFrontendSettings | None = None
+    hl7: Hl7FrontendSettings | None = None
 
 
 class GlobalConfig(_Strict):
@@ -639,17 +696,18 @@ def _semantic_issues(raw: Mapping[str, Any]) -> list[ConfigIssue]:
         for key in ("http", "rules", "request_headers", "response_headers", "hsts"):
             if frontend.get(key) and mode != "http":
                 issues.append(ConfigIssue(f"frontends[{f_index}].{key}", "only valid with mode: http"))
-        if frontend.get("tls") and mode not in ("http", "dicom"):
-            issues.append(ConfigIssue(f"frontends[{f_index}].tls", "only valid with mode: http or mode: dicom"))
-        if frontend.get("dicom") is not None and mode != "dicom":
-            issues.append(ConfigIssue(f"frontends[{f_index}].dicom", "only valid with mode: dicom"))
-        dicom = frontend.get("dicom")
-        d_rules = dicom.get("rules") if isinstance(dicom, dict) else None
-        for r_index, rule in enumerate(d_rules if isinstance(d_rules, list) else []):
-            target = rule.get("use_backend") if isinstance(rule, dict) else None
-            if isinstance(target, str) and target not in backend_names:
-                where = f"frontends[{f_index}].dicom.rules[{r_index}].use_backend"
-                issues.append(ConfigIssue(where, f"backend {target!r} does not exist"))
+        if frontend.get("tls") and mode not in ("http", "dicom", "hl7"):
+            issues.append(ConfigIssue(f"frontends[{f_index}].tls", "only valid with mode: http, dicom or hl7"))
+        for section in ("dicom", "hl7"):
+            if frontend.get(section) is not None and mode != section:
+                issues.append(ConfigIssue(f"frontends[{f_index}].{section}", f"only valid with mode: {section}"))
+            settings = frontend.get(section)
+            s_rules = settings.get("rules") if isinstance(settings, dict) else None
+            for r_index, rule in enumerate(s_rules if isinstance(s_rules, list) else []):
+                target = rule.get("use_backend") if isinstance(rule, dict) else None
+                if isinstance(target, str) and target not in backend_names:
+                    where = f"frontends[{f_index}].{section}.rules[{r_index}].use_backend"
+                    issues.append(ConfigIssue(where, f"backend {target!r} does not exist"))
         tls = frontend.get("tls")
         needs_ca = mode == "dicom" and isinstance(tls, dict) and tls.get("client_verify", "required") != "none"
         if needs_ca and isinstance(tls, dict) and not tls.get("client_ca"):
@@ -708,7 +766,7 @@ def _semantic_issues(raw: Mapping[str, Any]) -> list[ConfigIssue]:
         if isinstance(persistence, dict) and persistence.get("type") == "header" and not persistence.get("header"):
             issues.append(ConfigIssue(f"backends[{b_index}].persistence.header", "required for type header"))
         if isinstance(persistence, dict) or backend.get("tls") is not None:
-            allowed = ("http",) if isinstance(persistence, dict) else ("http", "dicom")
+            allowed = ("http",) if isinstance(persistence, dict) else ("http", "dicom", "hl7")
             for f_index, frontend in enumerate(frontends if isinstance(frontends, list) else []):
                 if (
                     isinstance(frontend, dict)
@@ -818,6 +876,7 @@ BUILTIN_CHECK: dict[str, Any] = {
     "error_limit": 3,
     "calling_ae": "MEDLB",
     "called_ae": None,
+    "hl7_message": None,
 }
 BUILTIN_AGENT: dict[str, Any] = {"port": None, "address": None, "inter": 2.0, "send": None, "enabled": None}
 
@@ -860,6 +919,7 @@ class ResolvedCheck:
     error_limit: int
     calling_ae: str
     called_ae: str | None
+    hl7_message: str | None
 
 
 @dataclass(frozen=True, slots=True)

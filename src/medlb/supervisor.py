@@ -24,7 +24,7 @@ import signal
 import socket
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol, TypeVar
+from typing import Any, Literal, Protocol, TypeVar
 
 from medlb.admin.alerts import AlertManager
 from medlb.admin.api import AdminError, AdminServer, ReloadResult, load_token
@@ -36,6 +36,7 @@ from medlb.config import (
     Config,
     DicomFrontendSettings,
     FrontendConfig,
+    Hl7FrontendSettings,
     HostPort,
     HttpFrontendSettings,
     PersistenceConfig,
@@ -49,14 +50,17 @@ from medlb.config import (
 from medlb.errors import ConfigError, StartupError
 from medlb.io.dicom import DicomSettings
 from medlb.io.frontend import Frontend, Listener, open_listener
+from medlb.io.hl7 import Hl7Settings, Hl7State
 from medlb.io.http import HttpPersistence, HttpSettings
 from medlb.io.runtime import Runtime
 from medlb.io.tls import ClientTls, client_tls, server_tls
 from medlb.layers.dicom import DicomPolicy
+from medlb.layers.hl7 import Hl7Router
 from medlb.layers.http_rules import Router
 from medlb.model.backend import Backend, BackendPolicy
 from medlb.model.persistence import Persistence, StickTable
 from medlb.model.server import AdminState, Server
+from medlb.proto.hl7 import FieldPath
 from medlb.proto.http import Limits
 
 log = logging.getLogger("medlb")
@@ -163,7 +167,7 @@ class Supervisor:
             vport=vport,
             rng=random.Random(),
         )
-        if b_cfg.tls is not None and checker.check.type == "dicom-echo":
+        if b_cfg.tls is not None and checker.check.type in ("dicom-echo", "hl7"):
             checker.tls = client_tls(b_cfg.tls)  # a TLS-only archive is checked over TLS too
         return checker
 
@@ -193,9 +197,10 @@ class Supervisor:
         runtime.persistence.update(persistence_rules(config, {}))
         http = {f_cfg.name: http_settings(f_cfg) for f_cfg in config.frontends}
         dicom = {f_cfg.name: dicom_settings(f_cfg) for f_cfg in config.frontends}
+        hl7 = {f_cfg.name: hl7_settings(f_cfg) for f_cfg in config.frontends}
         for f_cfg in config.frontends:
             runtime.frontends[f_cfg.name] = self._make_frontend(
-                loop, config, f_cfg, http[f_cfg.name], dicom[f_cfg.name]
+                loop, config, f_cfg, http[f_cfg.name], dicom[f_cfg.name], hl7[f_cfg.name]
             )
 
     def _make_frontend(
@@ -205,6 +210,7 @@ class Supervisor:
         f_cfg: FrontendConfig,
         http: HttpSettings | None,
         dicom: DicomSettings | None = None,
+        hl7: Hl7Settings | None = None,
     ) -> Frontend:
         backend = self.runtime.backends[f_cfg.default_backend]
         frontend = Frontend(
@@ -213,6 +219,8 @@ class Supervisor:
             backend,
             http=http,
             dicom=dicom,
+            hl7=hl7,
+            hl7_state=hl7_state(f_cfg),
             maxconn=f_cfg.maxconn,
             timeouts=resolve_timeouts(config, config.backend(f_cfg.default_backend), f_cfg),
             observer=self.runtime,
@@ -354,6 +362,7 @@ class Supervisor:
         try:
             http = {f_cfg.name: http_settings(f_cfg) for f_cfg in new.frontends}
             dicom = {f_cfg.name: dicom_settings(f_cfg) for f_cfg in new.frontends}
+            hl7 = {f_cfg.name: hl7_settings(f_cfg) for f_cfg in new.frontends}
             tls_to_servers = backend_tls(new)
             if new.admin is not None and self.admin is not None:
                 load_token(new.admin)
@@ -364,7 +373,7 @@ class Supervisor:
             _close_all(opened)
             return ReloadResult(False, str(exc))
         try:
-            summary = self._apply(new, keep, opened, http, dicom, tls_to_servers)
+            summary = self._apply(new, keep, opened, http, dicom, hl7, tls_to_servers)
         except Exception as exc:  # a bug, not a config problem: keep serving, say so loudly
             log.exception("reload failed while applying the new configuration")
             _close_all(opened)
@@ -378,6 +387,7 @@ class Supervisor:
         opened: list[tuple[str, HostPort, socket.socket]],
         http: dict[str, HttpSettings | None],
         dicom: dict[str, DicomSettings | None],
+        hl7: dict[str, Hl7Settings | None],
         tls_to_servers: dict[str, ClientTls],
     ) -> str:
         old = self.config
@@ -469,6 +479,8 @@ class Supervisor:
                     splice=new.global_.splice,
                     http=http[f_cfg.name],
                     dicom=dicom[f_cfg.name],
+                    hl7=hl7[f_cfg.name],
+                    hl7_state=hl7_state(f_cfg),
                 )
             for bind in f_cfg.bind:
                 if bind in moving:
@@ -696,6 +708,39 @@ def dicom_settings(f_cfg: FrontendConfig) -> DicomSettings | None:
         hash_calling_ae=d.hash == "calling_ae",
         tls=tls,
     )
+
+
+def hl7_settings(f_cfg: FrontendConfig) -> Hl7Settings | None:
+    """The I/O ring's view of a frontend's ``hl7:`` section (None unless ``mode: hl7``)."""
+    if f_cfg.mode != "hl7":
+        return None
+    h = f_cfg.hl7 or Hl7FrontendSettings()
+    order: FieldPath | Literal["connection", "none"]
+    if h.order_key == "connection":
+        order = "connection"
+    elif h.order_key == "none":
+        order = "none"
+    else:
+        order = FieldPath(h.order_key)
+    return Hl7Settings(
+        max_message=h.max_message,
+        ack_timeout=h.ack_timeout,
+        delivery_timeout=h.delivery_timeout,
+        order_key=order,
+        retry_on_ae=h.retry_on_ae,
+        on_failure=h.on_failure,
+        connections_per_server=h.connections_per_server,
+        router=Hl7Router.compile(f_cfg),
+        tls=server_tls(f_cfg.tls.model_copy(update={"alpn": []})) if f_cfg.tls is not None else None,
+    )
+
+
+def hl7_state(f_cfg: FrontendConfig) -> Hl7State | None:
+    """Fresh shared state for a ``mode: hl7`` frontend (a reloaded frontend keeps its own)."""
+    if f_cfg.mode != "hl7":
+        return None
+    h = f_cfg.hl7 or Hl7FrontendSettings()
+    return Hl7State(h.dedup_window, h.dedup_size)
 
 
 def persistence_rules(

@@ -27,10 +27,11 @@ import ipaddress
 import re
 import socket
 import ssl
+import time
 from dataclasses import dataclass
 
-from medlb.errors import DicomProtocolError
-from medlb.proto import dicom_dimse, dicom_pdu
+from medlb.errors import DicomProtocolError, Hl7ProtocolError
+from medlb.proto import dicom_dimse, dicom_pdu, hl7, mllp
 
 __all__ = [
     "MAX_HTTP_RESPONSE",
@@ -38,6 +39,7 @@ __all__ = [
     "describe_error",
     "dicom_echo_probe",
     "format_duration",
+    "hl7_probe",
     "http_probe",
     "http_response_complete",
     "parse_http_response",
@@ -497,3 +499,68 @@ async def dicom_echo_probe(
     if status:  # failed during the release, after a failure status: the status is the verdict
         text = f"C-ECHO status 0x{status:04X}"
     return ProbeResult(False, text)
+
+
+# -- HL7 over MLLP -------------------------------------------------------------------------------
+
+#: What an ``hl7`` check sends when ``check.hl7_message`` is not set: an ADT^A01 marked as a test
+#: (MSH-11 ``T``) about a patient that does not exist. Receivers that must never see an ADT can be
+#: given a query or a site-specific message instead.
+DEFAULT_HL7_CHECK = (
+    "MSH|^~\\&|MEDLB|MEDLB|||{timestamp}||ADT^A01^ADT_A01|{control_id}|T|2.5\r"
+    "EVN|A01|{timestamp}\r"
+    "PID|1||MEDLB-HEALTH-CHECK^^^MEDLB||CHECK^MEDLB\r"
+)
+_hl7_checks = iter(range(1, 1 << 62))
+
+
+async def hl7_probe(
+    host: str,
+    port: int,
+    *,
+    message: str | None,
+    timeout: float,  # noqa: ASYNC109 - the deadline is part of the verdict
+    ssl_context: ssl.SSLContext | None = None,
+    server_hostname: str | None = None,
+) -> ProbeResult:
+    """Send one framed HL7 message; healthy when the answer's MSA-1 is AA/CA and MSA-2 its MSH-10.
+
+    ``{control_id}`` and ``{timestamp}`` in the message are filled in, so every check has its own
+    control ID and a late answer to an earlier check can never pass for this one.
+    """
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    control_id = f"MEDLBCHK{next(_hl7_checks)}"
+    stamp = time.strftime("%Y%m%d%H%M%S", time.gmtime())
+    text = (message or DEFAULT_HL7_CHECK).replace("{control_id}", control_id).replace("{timestamp}", stamp)
+    payload = text.replace("\n", "\r").encode("latin-1", "replace")
+    writer: asyncio.StreamWriter | None = None
+    try:
+        header = hl7.parse_header(payload)
+        async with asyncio.timeout(timeout):
+            reader, writer = await asyncio.open_connection(
+                host, port, ssl=ssl_context, server_hostname=server_hostname if ssl_context else None
+            )
+            writer.write(mllp.frame(payload))
+            framer = mllp.MllpFramer(MAX_HTTP_RESPONSE)
+            replies: list[bytes] = []
+            while not replies:
+                data = await reader.read(65536)
+                if not data:
+                    return ProbeResult(False, "connection closed by peer before the ACK")
+                replies = framer.feed(data)
+        ack = hl7.parse_ack(replies[0])
+        if not ack.acknowledges(header):
+            return ProbeResult(False, f"ACK for control ID {ack.control_id!r}, expected {header.control_id!r}")
+        if not ack.success:
+            reason = f": {ack.text}" if ack.text else ""
+            return ProbeResult(False, f"answered {ack.code}{reason}"[:_MAX_TEXT])
+        return ProbeResult(True, f"HL7 {ack.code} in {format_duration(loop.time() - start)}")
+    except TimeoutError:
+        return ProbeResult(False, f"no ACK: {_timeout_text(timeout)}")
+    except Hl7ProtocolError as exc:
+        return ProbeResult(False, f"HL7 protocol error: {exc}"[:_MAX_TEXT])
+    except Exception as exc:
+        return ProbeResult(False, describe_error(exc))
+    finally:
+        _close(writer, tls=ssl_context is not None)

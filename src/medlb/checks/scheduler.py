@@ -39,6 +39,7 @@ from medlb.checks.probes import (
     describe_error,
     dicom_echo_probe,
     format_duration,
+    hl7_probe,
     http_probe,
     tcp_probe,
 )
@@ -218,6 +219,16 @@ class ServerChecker:
                 timeout=self.check_timeout,
                 ssl_context=client_tls.context if client_tls is not None else None,
                 server_hostname=(client_tls.sni or self.server.address.host) if client_tls is not None else None,
+            )
+        if kind == "hl7":
+            hl7_tls = self.tls
+            return await hl7_probe(
+                host,
+                port,
+                message=check.hl7_message,
+                timeout=self.check_timeout,
+                ssl_context=hl7_tls.context if hl7_tls is not None else None,
+                server_hostname=(hl7_tls.sni or self.server.address.host) if hl7_tls is not None else None,
             )
         if kind == "external":
             if not check.command:

@@ -19,6 +19,7 @@ from typing import Protocol
 from medlb.config import HostPort, ResolvedTimeouts
 from medlb.errors import StartupError
 from medlb.io.dicom import DicomSession, DicomSettings
+from medlb.io.hl7 import Hl7Session, Hl7Settings, Hl7State
 from medlb.io.http import HttpPersistence, HttpSession, HttpSettings, Pools
 from medlb.io.session import TcpSession
 from medlb.io.tls import ClientTls
@@ -173,8 +174,13 @@ class Frontend:
         log_sessions: bool = True,
         http: HttpSettings | None = None,
         dicom: DicomSettings | None = None,
+        hl7: Hl7Settings | None = None,
+        hl7_state: Hl7State | None = None,
     ) -> None:
         self.loop = loop
+        #: ``mode: hl7`` settings and what its sessions share (ordering, dedup, server connections).
+        self.hl7 = hl7
+        self.hl7_state = hl7_state
         #: ``mode: http`` settings; None for the other modes.
         self.http = http
         #: ``mode: dicom`` settings; None for the other modes.
@@ -198,7 +204,7 @@ class Frontend:
         self.splice = splice
         self.log_sessions = log_sessions
         self.listeners: list[Listener] = []
-        self.sessions: set[TcpSession | HttpSession | DicomSession] = set()
+        self.sessions: set[TcpSession | HttpSession | DicomSession | Hl7Session] = set()
         self.total_sessions = 0
         self.stopping = False
         self.idle_event = asyncio.Event()
@@ -212,7 +218,11 @@ class Frontend:
 
     @property
     def mode(self) -> str:
-        return "http" if self.http is not None else "dicom" if self.dicom is not None else "tcp"
+        if self.http is not None:
+            return "http"
+        if self.dicom is not None:
+            return "dicom"
+        return "hl7" if self.hl7 is not None else "tcp"
 
     @property
     def cur_sessions(self) -> int:
@@ -238,6 +248,8 @@ class Frontend:
         splice: bool,
         http: HttpSettings | None = None,
         dicom: DicomSettings | None = None,
+        hl7: Hl7Settings | None = None,
+        hl7_state: Hl7State | None = None,
     ) -> None:
         """Apply a reloaded configuration; listeners and running sessions are untouched.
 
@@ -247,6 +259,9 @@ class Frontend:
         self.backend = backend
         self.http = http
         self.dicom = dicom
+        self.hl7 = hl7
+        if hl7 is not None and self.hl7_state is None:
+            self.hl7_state = hl7_state
         self.timeouts = timeouts
         self.splice = splice
         self.idle_timeout = min(timeouts.client, timeouts.server)
@@ -286,11 +301,13 @@ class Frontend:
             self._sweeper = None
 
     def accepted(self, conn: socket.socket, addr: tuple[str, int]) -> None:
-        session: TcpSession | HttpSession | DicomSession
+        session: TcpSession | HttpSession | DicomSession | Hl7Session
         if self.http is not None:
             session = HttpSession(self, conn, addr)
         elif self.dicom is not None:
             session = DicomSession(self, conn, addr)
+        elif self.hl7 is not None:
+            session = Hl7Session(self, conn, addr)
         else:
             session = TcpSession(self, conn, addr)
         self.sessions.add(session)
@@ -303,7 +320,7 @@ class Frontend:
                 listener.pause()
         session.start()
 
-    def session_ended(self, session: TcpSession | HttpSession | DicomSession) -> None:
+    def session_ended(self, session: TcpSession | HttpSession | DicomSession | Hl7Session) -> None:
         sessions = self.sessions
         was_full = len(sessions) >= self.maxconn
         sessions.discard(session)
@@ -335,11 +352,10 @@ class Frontend:
         self.stopping = True
         for listener in self.listeners:
             listener.close()
-        if self.http is not None:
-            # HTTP keep-alive: idle connections close now, busy ones after their stream.
-            for session in list(self.sessions):
-                if isinstance(session, HttpSession):
-                    session.drain()
+        # HTTP keep-alive and MLLP connections: idle ones close now, busy ones once answered.
+        for session in list(self.sessions):
+            if isinstance(session, HttpSession | Hl7Session):
+                session.drain()
 
     def abort_sessions(self, cause: str) -> int:
         """Close every session now (hard stop) and stop the sweeper. Returns how many were closed."""
@@ -348,4 +364,6 @@ class Frontend:
         for session in sessions:
             session.abort(cause)
         self.pools.close()
+        if self.hl7_state is not None:
+            self.hl7_state.close()
         return len(sessions)

@@ -22,6 +22,7 @@ from medlb.checks.scheduler import ServerChecker
 from medlb.config import Config, ServerConfig
 from medlb.io.dicom import DicomSession
 from medlb.io.frontend import Frontend
+from medlb.io.hl7 import Hl7Session
 from medlb.io.http import HttpPersistence, HttpSession
 from medlb.io.session import TcpSession
 from medlb.io.tls import ClientTls
@@ -108,11 +109,11 @@ class Runtime:
     def all_frontends(self) -> list[Frontend]:
         return [*self.frontends.values(), *self.retired_frontends]
 
-    def sessions(self) -> Iterator[TcpSession | HttpSession | DicomSession]:
+    def sessions(self) -> Iterator[TcpSession | HttpSession | DicomSession | Hl7Session]:
         for frontend in self.all_frontends():
             yield from frontend.sessions
 
-    def sessions_of(self, server: Server) -> list[TcpSession | HttpSession | DicomSession]:
+    def sessions_of(self, server: Server) -> list[TcpSession | HttpSession | DicomSession | Hl7Session]:
         return [s for s in self.sessions() if s.server is server]
 
     def live_bytes(self) -> dict[Server, tuple[int, int]]:

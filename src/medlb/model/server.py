@@ -65,6 +65,8 @@ class Server:
         "dimse_responses",
         "ever_up",
         "health",
+        "hl7_acks",
+        "hl7_messages",
         "last_agent",
         "last_change",
         "last_check",
@@ -134,6 +136,9 @@ class Server:
         #: status category ("success", "warning", "failure", "cancel"), counted as they pass.
         self.dimse_requests: dict[str, int] = {}
         self.dimse_responses: dict[str, int] = {}
+        #: ``mode: hl7``: messages the server answered, by MSH-9 type, and its answers by MSA-1 code.
+        self.hl7_messages: dict[str, int] = {}
+        self.hl7_acks: dict[str, int] = {}
 
     def __repr__(self) -> str:
         return f"<Server {self.backend_name}/{self.name} {self.address} {self.op_state.name}/{self.admin_state.name}>"
