@@ -126,6 +126,9 @@ def test_demo_serves_through_medlb_and_stops_on_sigint() -> None:
         # archives (their own AE titles differ) once their C-ECHO checks have brought them UP.
         echoed = _dicom_echoes(port + 4, count=4, deadline=time.monotonic() + 20)
         assert echoed == [0, 0, 0, 0], echoed
+        # The HL7 part: a message through the mode: hl7 frontend is acknowledged by a demo receiver.
+        ack = _hl7_send(port + 5, b"MSH|^~\\&|T|H|R|H|20261122||ADT^A01|CLITEST1|P|2.5\rPID|1||9^^^H\r")
+        assert b"MSA|AA|CLITEST1|stored by ris" in ack, ack
         # The dashboard/API is up too, behind the token the banner prints.
         from tests.helpers import api
 
@@ -144,6 +147,25 @@ def test_demo_serves_through_medlb_and_stops_on_sigint() -> None:
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
+
+
+def _hl7_send(port: int, payload: bytes) -> bytes:
+    """One MLLP message and its answer; retried while the demo receivers are not UP yet."""
+    import time
+
+    deadline = time.monotonic() + 20
+    while True:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(b"\x0b" + payload + b"\x1c\r")
+            answer = b""
+            while not answer.endswith(b"\x1c\r"):
+                chunk = sock.recv(4096)
+                if not chunk:
+                    break
+                answer += chunk
+        if b"MSA|AA|" in answer or time.monotonic() > deadline:
+            return answer
+        time.sleep(0.3)
 
 
 def _dicom_echoes(port: int, *, count: int, deadline: float) -> list[int]:
@@ -176,7 +198,7 @@ def _demo_port() -> int:
         port = random.randrange(20000, 30000)
         probes: list[socket.socket] = []
         try:
-            for candidate in (port, port + 4, port + 101, port + 102, port + 103, port + 104, port + 105, port + 106):
+            for candidate in (port, port + 4, port + 5, *range(port + 101, port + 109)):
                 probe = socket.socket()
                 probes.append(probe)
                 probe.bind(("127.0.0.1", candidate))

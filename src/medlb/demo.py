@@ -8,6 +8,9 @@ DICOM: two demo storage archives (pynetdicom, a development dependency that
 ``make demo`` installs) with *different* AE titles, behind one ``mode: dicom``
 frontend called ``ARCHIVE``: medlb readdresses each association to the archive's
 own title, checks both with C-ECHO, and counts what flows.
+
+HL7: two demo MLLP receivers (medlb's own codec) that acknowledge every message with
+AA, behind a ``mode: hl7`` frontend that balances message by message.
 """
 
 from __future__ import annotations
@@ -30,6 +33,11 @@ DEMO_TOKEN_ENV = "MEDLB_DEMO_TOKEN"
 DICOM_OFFSET = 4
 #: The demo archives: (server name, port offset from the demo port, their own AE title).
 DICOM_ARCHIVES = (("pacs1", 105, "DEMO_PACS1"), ("pacs2", 106, "DEMO_PACS2"))
+#: The demo's HL7 frontend listens on the demo port plus this; its receivers on the offsets below.
+HL7_OFFSET = 5
+HL7_RECEIVERS = (("ris1", 107), ("ris2", 108))
+#: What the banner's test line sends (MLLP-framed by the line itself).
+HL7_SAMPLE = "MSH|^~\\&|DEMO|HIS|RIS|HOSP|20261122120000||ADT^A01|DEMO0001|P|2.5\\rPID|1||12345^^^HOSP||DOE^JANE\\r"
 
 
 class DemoEchoServer:
@@ -91,6 +99,34 @@ class DemoArchive:
             self._server = None
 
 
+class DemoReceiver:
+    """An MLLP receiver that answers every HL7 message with AA (MSA-2 = its MSH-10) and counts them."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.received = 0
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        from datetime import UTC, datetime
+
+        from medlb.errors import Hl7ProtocolError
+        from medlb.proto import hl7, mllp
+
+        framer = mllp.MllpFramer()
+        try:
+            while data := await reader.read(65536):
+                for payload in framer.feed(data):
+                    self.received += 1
+                    header = hl7.parse_header(payload)
+                    stamp = hl7.format_timestamp(datetime.now(UTC))
+                    writer.write(mllp.frame(hl7.make_ack(header, "AA", f"stored by {self.name}", timestamp=stamp)))
+                await writer.drain()
+        except (ConnectionError, Hl7ProtocolError):
+            pass
+        finally:
+            writer.close()
+
+
 def demo_config(host: str, port: int, admin_port: int = 9900) -> tuple[Config, list[tuple[str, int]]]:
     """The built-in config: the issue's contract example, pointed at the demo servers.
 
@@ -116,6 +152,7 @@ def demo_config(host: str, port: int, admin_port: int = 9900) -> tuple[Config, l
                 "default_backend": "archives",
                 "dicom": {"allow_called": ["ARCHIVE"]},
             },
+            {"name": "hl7", "mode": "hl7", "bind": [f"{host}:{port + HL7_OFFSET}"], "default_backend": "ris"},
         ],
         "backends": [
             {
@@ -136,6 +173,12 @@ def demo_config(host: str, port: int, admin_port: int = 9900) -> tuple[Config, l
                     {"name": name, "address": f"{host}:{port + offset}", "ae_title": title}
                     for name, offset, title in DICOM_ARCHIVES
                 ],
+            },
+            {
+                "name": "ris",
+                "balance": "roundrobin",
+                "check": {"type": "hl7"},
+                "servers": [{"name": name, "address": f"{host}:{port + offset}"} for name, offset in HL7_RECEIVERS],
             },
         ],
     }
@@ -163,6 +206,12 @@ DICOM (mode dicom) on {host}:{port + DICOM_OFFSET}, called AE ARCHIVE -> archive
   echoscu -aet MODALITY -aec OTHER {host} {port + DICOM_OFFSET}      (refused: called AE not recognised)
   (DCMTK: apt-get install dcmtk; export TCP_NODELAY=1 for realistic speed)
 
+HL7 (mode hl7) on {host}:{port + HL7_OFFSET} -> receivers ris1 and ris2 (they answer AA), balanced per message,
+in order per patient (PID-3); the ACK comes back only from a receiver that took the message:
+  python3 -c "import socket; s = socket.create_connection(('{host}', {port + HL7_OFFSET})); \\
+s.sendall(b'\\x0b{HL7_SAMPLE}\\x1c\\r'); print(s.recv(4096)[1:-2].decode().replace(chr(13), chr(10)))"
+  (send it twice: the second copy is answered from medlb's duplicate table, not delivered again)
+
 Dashboard and admin API: http://{host}:{admin_port}/   (log in with the token below)
   token: {token}
   export MEDLB_URL=http://{host}:{admin_port} MEDLB_TOKEN={token}
@@ -181,6 +230,12 @@ async def _demo_main(host: str, port: int, admin_port: int) -> int:
     started: list[asyncio.Server] = []
     archives: list[DemoArchive] = []
     try:
+        for name, offset in HL7_RECEIVERS:
+            receiver = DemoReceiver(name)
+            try:
+                started.append(await asyncio.start_server(receiver.handle, host, port + offset))
+            except OSError as exc:
+                raise StartupError(f"demo receiver {name} cannot bind {host}:{port + offset}: {exc.strerror}") from None
         for _, offset, title in DICOM_ARCHIVES:
             archive = DemoArchive(title)
             try:

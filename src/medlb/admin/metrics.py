@@ -110,6 +110,8 @@ FAMILIES: tuple[tuple[str, str, str], ...] = (
     ("counter", "medlb_server_state_changes_total", "Op and admin state changes of the server."),
     ("counter", "medlb_server_dimse_requests_total", "mode dicom: DIMSE requests relayed to the server, by command."),
     ("counter", "medlb_server_dimse_responses_total", "mode dicom: final DIMSE responses from the server, by status."),
+    ("counter", "medlb_server_hl7_messages_total", "mode hl7: messages the server answered, by message type (MSH-9)."),
+    ("counter", "medlb_server_hl7_acks_total", "mode hl7: the server's acknowledgments, by code (MSA-1)."),
     ("gauge", "medlb_server_last_state_change_seconds", "Unix time of the server's last op or admin state change."),
     ("gauge", "medlb_server_check_duration_seconds", "Duration of the last health check (absent before the first)."),
     ("gauge", "medlb_server_last_check_ok", "1 if the last health check passed, 0 if not (absent before the first)."),
@@ -306,6 +308,10 @@ class RuntimeCollector(Collector):
                 _put(fam["medlb_server_dimse_requests_total"], {**labels, "command": command}, count)
             for status, count in list(server.dimse_responses.items()):
                 _put(fam["medlb_server_dimse_responses_total"], {**labels, "status": status}, count)
+            for kind, count in list(server.hl7_messages.items()):
+                _put(fam["medlb_server_hl7_messages_total"], {**labels, "type": kind}, count)
+            for code, count in list(server.hl7_acks.items()):
+                _put(fam["medlb_server_hl7_acks_total"], {**labels, "code": code}, count)
             _put(fam["medlb_server_last_state_change_seconds"], labels, runtime.wall(server.last_change))
             check = server.last_check
             if check is not None:

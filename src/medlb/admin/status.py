@@ -45,6 +45,7 @@ def server_doc(
         "redispatches": server.redispatches,
         "state_changes": server.state_changes,
         "dimse": {"requests": dict(server.dimse_requests), "responses": dict(server.dimse_responses)},
+        "hl7": {"messages": dict(server.hl7_messages), "acks": dict(server.hl7_acks)},
         "last_check": None
         if check is None
         else {

@@ -831,6 +831,22 @@
     return parts.join(" · ");
   }
 
+  // "ADT^A01 1,200 · AA 1,198 · AR 2" from a server's HL7 counters, or "".
+  function hl7Text(h) {
+    if (!h || !h.messages) return "";
+    var parts = Object.keys(h.messages)
+      .sort()
+      .map(function (k) {
+        return k.split("^").slice(0, 2).join("^") + " " + fmtInt(h.messages[k]);
+      });
+    Object.keys(h.acks || {})
+      .sort()
+      .forEach(function (code) {
+        parts.push(code + " " + fmtInt(h.acks[code]));
+      });
+    return parts.join(" · ");
+  }
+
   function updateServerRow(v, s, now) {
     v.current = s;
     var tone = serverTone(s);
@@ -874,7 +890,7 @@
       r.in === null && r.out === null ? "" : "in " + fmtBytesRate(r.in) + " · out " + fmtBytesRate(r.out),
     );
 
-    setText(v.dimse, dimseText(s.dimse));
+    setText(v.dimse, dimseText(s.dimse) || hl7Text(s.hl7));
 
     var c = s.last_check;
     if (!c) {
