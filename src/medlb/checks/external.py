@@ -44,6 +44,7 @@ import shutil
 import signal
 import subprocess
 from collections.abc import Mapping
+from typing import cast
 
 from medlb.checks.probes import ProbeResult, describe_error, format_duration
 
@@ -131,6 +132,12 @@ class _ScriptProtocol(asyncio.SubprocessProtocol):
         self.output = bytearray()
         self.exited: asyncio.Future[None] = loop.create_future()
         self.closed: asyncio.Future[None] = loop.create_future()
+        #: Known as soon as the process exists, even if the caller is cancelled before
+        #: ``subprocess_exec`` returns it: the process must be reaped in every case.
+        self.transport: asyncio.SubprocessTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.SubprocessTransport, transport)
 
     def pipe_data_received(self, fd: int, data: bytes | bytearray) -> None:
         room = OUTPUT_LIMIT - len(self.output)
@@ -191,19 +198,30 @@ async def external_probe(
     try:
         try:
             async with asyncio.timeout(timeout):
-                transport, _ = await loop.subprocess_exec(
-                    lambda: proto,
-                    script,
-                    proxy_addr,
-                    proxy_port,
-                    server_host,
-                    str(server_port),
-                    stdin=subprocess.DEVNULL,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.STDOUT,
-                    env=full_env,
-                    start_new_session=True,
+                spawn = loop.create_task(
+                    loop.subprocess_exec(
+                        lambda: proto,
+                        script,
+                        proxy_addr,
+                        proxy_port,
+                        server_host,
+                        str(server_port),
+                        stdin=subprocess.DEVNULL,
+                        stdout=subprocess.PIPE,
+                        stderr=subprocess.STDOUT,
+                        env=full_env,
+                        start_new_session=True,
+                    )
                 )
+                try:
+                    transport, _ = await asyncio.shield(spawn)
+                except asyncio.CancelledError:
+                    # Cancelled (a timeout, a stopping checker) while the script was being started:
+                    # let the start finish so the script can be killed and reaped below, rather than
+                    # leave a running process and an open transport behind.
+                    with contextlib.suppress(Exception):
+                        transport, _ = await spawn
+                    raise
                 # asyncio.wait never cancels what it waits on: the futures stay usable.
                 await asyncio.wait({proto.exited})
                 # Output written just before exit may still be in flight.
@@ -211,8 +229,11 @@ async def external_probe(
         except TimeoutError:
             timed_out = True
         finally:
-            if transport is not None:
-                await _reap(transport, proto)
+            # A cancellation (a stopping checker) can land while subprocess_exec is still
+            # returning: the protocol already holds the transport of the running script.
+            started = transport or proto.transport
+            if started is not None:
+                await _reap(started, proto)
     except (FileNotFoundError, PermissionError, NotADirectoryError):
         return ProbeResult(False, f"check script not found: {command}")
     except Exception as exc:

@@ -25,6 +25,7 @@ import asyncio
 import functools
 import ipaddress
 import re
+import secrets
 import socket
 import ssl
 import time
@@ -511,7 +512,45 @@ DEFAULT_HL7_CHECK = (
     "EVN|A01|{timestamp}\r"
     "PID|1||MEDLB-HEALTH-CHECK^^^MEDLB||CHECK^MEDLB\r"
 )
+
+_BASE36 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+def _base36(n: int, width: int = 1) -> str:
+    digits = ""
+    while n or len(digits) < width:
+        n, d = divmod(n, 36)
+        digits = _BASE36[d] + digits
+    return digits
+
+
+#: Control IDs of checks: ``MEDLBCHK``, 5 random base-36 digits drawn when the process starts, then a
+#: base-36 counter (20 characters, the HL7 v2.5 length of MSH-10, for the first 78 billion checks).
+#: The random part keeps the IDs of one run apart from those of the run before: a receiver that
+#: suppresses resent control IDs (medlb's own ``dedup_window`` does, for 10 minutes) must not answer a
+#: check from its cache after a restart, nor reject it as a duplicate.
+_hl7_check_prefix = "MEDLBCHK" + _base36(secrets.randbelow(36**5), 5)
 _hl7_checks = iter(range(1, 1 << 62))
+
+#: Python codecs for the MSH-18 character sets (HL7 Table 0211) a check message may declare. The
+#: message is encoded as it declares; without MSH-18 (ASCII) or with another set, as Latin-1.
+_HL7_CODECS = {
+    "UNICODE UTF-8": "utf-8",
+    **{f"8859/{n}": f"iso8859-{n}" for n in (1, 2, 3, 4, 5, 6, 7, 8, 9, 15)},
+}
+
+
+def _hl7_check_payload(message: str | None, control_id: str, stamp: str) -> tuple[bytes, hl7.Hl7Header]:
+    """The check message with its placeholders filled in, CR-terminated, encoded as its MSH-18 says."""
+    text = (message or DEFAULT_HL7_CHECK).replace("{control_id}", control_id).replace("{timestamp}", stamp)
+    text = text.replace("\r\n", "\r").replace("\n", "\r")  # LF or CRLF line ends: segments end with CR
+    payload = text.encode("latin-1", "replace")
+    header = hl7.parse_header(payload)
+    codec = _HL7_CODECS.get(header.charset.split(header.repetition_separator, 1)[0].strip().upper())
+    if codec is None:
+        return payload, header
+    payload = text.encode(codec, "replace")
+    return payload, hl7.parse_header(payload)
 
 
 async def hl7_probe(
@@ -530,13 +569,12 @@ async def hl7_probe(
     """
     loop = asyncio.get_running_loop()
     start = loop.time()
-    control_id = f"MEDLBCHK{next(_hl7_checks)}"
-    stamp = time.strftime("%Y%m%d%H%M%S", time.gmtime())
-    text = (message or DEFAULT_HL7_CHECK).replace("{control_id}", control_id).replace("{timestamp}", stamp)
-    payload = text.replace("\n", "\r").encode("latin-1", "replace")
+    control_id = _hl7_check_prefix + _base36(next(_hl7_checks))
+    # An HL7 time without an offset is read as the sender's local time: say that this one is UTC.
+    stamp = time.strftime("%Y%m%d%H%M%S+0000", time.gmtime())
     writer: asyncio.StreamWriter | None = None
     try:
-        header = hl7.parse_header(payload)
+        payload, header = _hl7_check_payload(message, control_id, stamp)
         async with asyncio.timeout(timeout):
             reader, writer = await asyncio.open_connection(
                 host, port, ssl=ssl_context, server_hostname=server_hostname if ssl_context else None

@@ -287,6 +287,13 @@ class Hl7Session(asyncio.Protocol):
         self.paused = False
         self._gone = False
         self.messages = 0
+        #: Idle timeout (the frontend's ``timeouts.client``/``server``, as the other modes): the hot
+        #: path only sets ``active``; a timer samples it (see :meth:`_idle_tick`).
+        self.active = False
+        self._quiet_since = 0.0
+        self._idle_timer: asyncio.TimerHandle | None = None
+        #: Why the connection ended, for the log line of messages dropped with it.
+        self.end_cause = ""
 
     @property
     def server(self) -> Server | None:
@@ -320,10 +327,46 @@ class Hl7Session(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
+        self._quiet_since = self.loop.time()
+        self._arm_idle()
+
+    def _arm_idle(self) -> None:
+        idle = self.frontend.idle_timeout
+        if idle > 0 and not self.closed:
+            self._idle_timer = self.loop.call_later(max(idle / 4, 0.05), self._idle_tick)
+
+    def _idle_tick(self) -> None:
+        """Close a sender that moved no byte for the idle timeout while no reply was due.
+
+        Without it a sender that stops inside a message (no end block, then silence) would hold its
+        connection and the partial message forever. A session waiting for a reply is not idle: its
+        messages are bounded by ``delivery_timeout``. Checked in quarters of the timeout, as
+        ``mode: dicom`` does, so the close comes between one timeout and 1.25 of it.
+        """
+        self._idle_timer = None
+        if self.closed:
+            return
+        now = self.loop.time()
+        if self.active or self.pending:
+            self.active = False
+            self._quiet_since = now
+        elif now - self._quiet_since >= self.frontend.idle_timeout:
+            log.info(
+                "hl7 client=%s:%d frontend=%s idle timeout%s; connection closed",
+                self.client_ip,
+                self.client_port,
+                self.frontend.name,
+                "" if self.framer.at_boundary else " inside a message (dropped, never forwarded)",
+            )
+            self.end_cause = "idle_timeout"
+            self.close()
+            return
+        self._arm_idle()
 
     def data_received(self, data: bytes) -> None:
         if self.closed:
             return
+        self.active = True
         try:
             payloads = self.framer.feed(data)
         except Hl7ProtocolError as exc:
@@ -344,17 +387,15 @@ class Hl7Session(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        state = self.state
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
         for message in list(self.pending):
             if message.reply is None and message.conn is None:
-                # Not on the wire yet: it will not be sent for nobody (the sender resends it).
-                if message.timer is not None:
-                    message.timer.cancel()
-                nxt = state.order.forget(message.key, message)
-                self._release_in_flight(message)
-                if nxt is not None:
-                    self._dispatch(nxt)
-        self.pending.clear()
+                self._abandon(message)
+        # Messages still on the wire stay pending: they are settled (and logged) when their server
+        # answers; only the write to this sender is skipped.
+        self._flush()
         self._ended()
 
     def _ended(self) -> None:
@@ -412,11 +453,9 @@ class Hl7Session(asyncio.Protocol):
         """Send ``message`` to a server (or wait for one, until its deadline)."""
         session = message.session
         if session.closed and message.reply is None:
-            # Its sender left before the message went out: drop it, let the next of its key go.
-            nxt = session.state.order.forget(message.key, message)
-            session._release_in_flight(message)
-            if nxt is not None:
-                nxt.session._dispatch(nxt)
+            # Its sender left before the message went (back) out: drop it, let the next of its key go.
+            session._abandon(message)
+            session._flush()
             return
         if session is not self:
             session._dispatch(message)
@@ -427,6 +466,14 @@ class Hl7Session(asyncio.Protocol):
             self._give_up(message, "delivery_timeout")
             return
         server = backend.select(message.balance_key, message.excluded)
+        if server is not None and server in message.excluded:
+            # Backend.select would rather hand back a server that already failed this message than
+            # refuse (right for a TCP session that connects once). Here that is the end of a round:
+            # take the pause below, or one message hammers a server that refuses a connect or
+            # answers AR in microseconds, thousands of times a second, until its deadline.
+            backend.release(server)
+            server.total_sessions -= 1
+            server = None
         if server is None:
             # Nothing usable, or every server failed this message once: pause, then start a new
             # round (a restarted server is back within seconds), until the delivery deadline.
@@ -685,6 +732,41 @@ class Hl7Session(asyncio.Protocol):
         message.copies.clear()
         message.session._flush()
 
+    def _abandon(self, message: Message) -> None:
+        """Drop ``message``, not on the wire, whose sender left: it is not sent for nobody (the
+        sender resends it), the next message of its key may go, and it still gets its log line.
+
+        It may hold a server slot (waiting for a pooled connection, or for its connect) and a timer;
+        both are given back, or the message would later go out from the pool's waiting list, after
+        its key's next message. Resends from other connections that wait for its answer get a NAK
+        (there will be no answer to share) instead of waiting forever.
+        """
+        state = self.state
+        if message.timer is not None:
+            message.timer.cancel()
+            message.timer = None
+        server, message.server = message.server, None
+        if server is not None:
+            pool = state.pools.get(server)
+            if pool is not None and message in pool.waiting:
+                pool.waiting.remove(message)
+            message.backend.release(server)
+        message.reply = b""
+        message.reply_code = "-"
+        message.term = self.end_cause or "client_gone"
+        first = state.in_flight.get(message.dedup)
+        if first is not None and first is not message:
+            if message in first.copies:  # a resend waiting for another's answer: nothing else to undo
+                first.copies.remove(message)
+            return
+        copies, message.copies = message.copies, []
+        nxt = state.order.forget(message.key, message)
+        self._release_in_flight(message)
+        for copy in copies:
+            copy.session._give_up(copy, "first_copy_abandoned")
+        if nxt is not None:
+            nxt.session._dispatch(nxt)
+
     def _release_in_flight(self, message: Message) -> None:
         state = self.state
         if state.in_flight.get(message.dedup) is message:
@@ -698,8 +780,10 @@ class Hl7Session(asyncio.Protocol):
             if self.closed or self.transport is None:
                 continue
             if not message.reply:
+                self.end_cause = "closed_on_failure"
                 self.close()
                 return
+            self.active = True
             self.transport.write(message.reply)
         if self.paused and len(pending) < self.MAX_PENDING // 2 and self.transport is not None and not self.closed:
             self.paused = False
@@ -709,6 +793,7 @@ class Hl7Session(asyncio.Protocol):
 
     def _framing_error(self, exc: Hl7ProtocolError) -> None:
         """The codec's policy (medlb.proto.mllp): a NAK when the message can be identified, then close."""
+        self.end_cause = "framing_error"
         log.info("hl7 client=%s:%d frontend=%s %s", self.client_ip, self.client_port, self.frontend.name, exc)
         nak = nak_for_error(exc, timestamp=_timestamp(), control_id=_control_id())
         if nak is not None and self.transport is not None and not self.closed:
@@ -738,6 +823,7 @@ class Hl7Session(asyncio.Protocol):
                 self.sock = None
                 self._ended()
             return
+        self.end_cause = self.end_cause or cause
         for message in list(self.pending):
             if message.reply is None:
                 message.term = cause

@@ -143,10 +143,12 @@ class KeyOrder(Generic[T]):
             return None
         if queue[0] is item:
             return self.done(key, item)
-        try:
-            queue.remove(item)
-        except ValueError:
-            pass
+        # By identity, as everywhere here: deque.remove() compares with ==, and a waiting message equal
+        # to the one in flight (a resend with the same content) would remove the one in flight.
+        for index, waiting in enumerate(queue):
+            if index and waiting is item:
+                del queue[index]
+                break
         return None
 
     def waiting(self) -> int:
