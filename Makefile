@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: all deps venv demo test lint typecheck unit bench bench-http bench-dicom bench-smoke clean
+.PHONY: all deps venv demo test lint typecheck unit bench bench-http bench-dicom bench-hl7 bench-smoke clean
 
 all: test
 
@@ -44,6 +44,9 @@ bench-http: deps venv
 
 bench-dicom: deps venv
 	$(BIN)/python bench/dicom_bench.py
+
+bench-hl7: deps venv
+	$(BIN)/python bench/hl7_bench.py
 
 bench-smoke: deps venv
 	$(BIN)/python bench/tcp_bench.py --smoke --out /tmp/medlb-bench-smoke.md
