@@ -294,6 +294,8 @@ class Hl7Session(asyncio.Protocol):
         self._idle_timer: asyncio.TimerHandle | None = None
         #: Why the connection ended, for the log line of messages dropped with it.
         self.end_cause = ""
+        #: The sender half-closed, or medlb is stopping: close once the last pending reply is out.
+        self.finishing = False
 
     @property
     def server(self) -> Server | None:
@@ -383,6 +385,7 @@ class Hl7Session(asyncio.Protocol):
         if not self.pending:
             self.close()
             return None
+        self.finishing = True
         return True if self.settings.tls is None else None
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -785,7 +788,15 @@ class Hl7Session(asyncio.Protocol):
                 return
             self.active = True
             self.transport.write(message.reply)
-        if self.paused and len(pending) < self.MAX_PENDING // 2 and self.transport is not None and not self.closed:
+        if self.finishing and not pending:
+            self.close()
+        elif (
+            self.paused
+            and not self.finishing  # a graceful stop paused reading for good
+            and len(pending) < self.MAX_PENDING // 2
+            and self.transport is not None
+            and not self.closed
+        ):
             self.paused = False
             self.transport.resume_reading()
 
@@ -812,6 +823,7 @@ class Hl7Session(asyncio.Protocol):
         """Graceful stop: stop reading; close once every pending message has its reply."""
         if self.transport is not None and not self.closed:
             self.transport.pause_reading()
+            self.finishing = True
             if not self.pending:
                 self.close()
 
