@@ -1227,3 +1227,100 @@ def test_hl7_check_brings_a_receiver_up_and_an_ar_receiver_down(lab: Lab) -> Non
 
 if __name__ == "__main__":
     _receiver_main(sys.argv[1:])
+
+
+def test_a_message_queued_for_a_dead_connection_does_not_wait_for_its_ack_timeout(tmp_path: Path) -> None:
+    """A message queued for a server's only connection is sent as soon as that connection dies,
+    not after its own ``ack_timeout`` (found by the chaos test)."""
+    import socket as socket_module
+    import threading
+
+    def frame_text(text: str) -> bytes:
+        return b"\x0b" + text.encode() + b"\x1c\r"
+
+    def silent_then_close(conn: socket_module.socket) -> None:
+        with conn:  # takes the message, never answers, hangs up
+            conn.recv(65536)
+            time.sleep(1.0)
+
+    listener = socket_module.socket()
+    listener.setsockopt(socket_module.SOL_SOCKET, socket_module.SO_REUSEADDR, 1)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+
+    def accept_loop() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=silent_then_close, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=accept_loop, daemon=True).start()
+    good = frame_text("MSH|^~\\&|R|R|S|S|20261122||ACK|A1|P|2.5\rMSA|AA|X\r")
+
+    def answer(conn: socket_module.socket) -> None:
+        with conn:
+            data = b""
+            while chunk := conn.recv(65536):
+                data += chunk
+                while b"\x1c\r" in data:
+                    _, _, data = data.partition(b"\x1c\r")
+                    conn.sendall(good)
+
+    healthy = socket_module.socket()
+    healthy.setsockopt(socket_module.SOL_SOCKET, socket_module.SO_REUSEADDR, 1)
+    healthy.bind(("127.0.0.1", 0))
+    healthy.listen()
+
+    def healthy_loop() -> None:
+        while True:
+            try:
+                conn, _ = healthy.accept()
+            except OSError:
+                return
+            threading.Thread(target=answer, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=healthy_loop, daemon=True).start()
+    port = free_port()
+    config = {
+        "global": {"hard_stop_after": "2s"},
+        "frontends": [
+            {
+                "name": "fe",
+                "mode": "hl7",
+                "bind": [f"127.0.0.1:{port}"],
+                "default_backend": "pool",
+                "hl7": {"connections_per_server": 1, "ack_timeout": "5s", "delivery_timeout": "30s"},
+            }
+        ],
+        "backends": [
+            {
+                "name": "pool",
+                "balance": "first",
+                "check": {"type": "none"},
+                "servers": [
+                    {"name": "stall", "address": f"127.0.0.1:{listener.getsockname()[1]}"},
+                    {"name": "good", "address": f"127.0.0.1:{healthy.getsockname()[1]}"},
+                ],
+            }
+        ],
+    }
+    try:
+        with running_medlb(config, tmp_path) as lb:
+            lb.wait_for_log("server pool/good op_state DOWN -> UP")
+            first = socket_module.create_connection(("127.0.0.1", port), timeout=20)
+            first.sendall(frame_text("MSH|^~\\&|A|F|R|H|20261122||ADT^A08|H1|P|2.5\rPID|1||K1\r"))
+            time.sleep(0.2)
+            second = socket_module.create_connection(("127.0.0.1", port), timeout=20)
+            started = time.monotonic()
+            second.sendall(frame_text("MSH|^~\\&|A|F|R|H|20261122||ADT^A08|X|P|2.5\rPID|1||K2\r"))
+            assert b"MSA|AA|X" in second.recv(4096)
+            # Queued behind H1 on the stalling server's only connection: sent again once that connection
+            # died (~1 s), then once more after the second silent hang-up (~2 s); never 5 s.
+            assert time.monotonic() - started < 4.0
+            first.close()
+            second.close()
+    finally:
+        listener.close()
+        healthy.close()

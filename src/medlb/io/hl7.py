@@ -252,6 +252,21 @@ class ServerPool:
         if conn.counted:
             conn.counted = False
             self.count -= 1
+            # The slot is free: a message queued for this server opens a new connection now,
+            # instead of waiting for its own ACK timeout (a dead connection hands nothing over).
+            self.serve_waiting()
+
+    def serve_waiting(self) -> None:
+        """Let queued messages open connections while the server's connection budget allows."""
+        while self.waiting:
+            waiter = self.waiting[0]
+            session = waiter.session
+            if self.count >= session.settings.connections_per_server:
+                return
+            self.waiting.popleft()
+            if waiter.reply is None and waiter.server is self.server and waiter.conn is None:
+                self.count += 1
+                session.loop.create_task(session._connect(waiter, self))
 
     def close(self) -> None:
         while self.idle:
@@ -538,7 +553,7 @@ class Hl7Session(asyncio.Protocol):
             reason = "connect_timeout" if isinstance(exc, TimeoutError) else str(exc.strerror or exc)
             log.info("connect to %s failed: %s", server.key, reason)
             self._retry(message, f"connect_failed:{reason}")
-            self._serve_waiting(pool)
+            pool.serve_waiting()
             return
         self.frontend.observer.report_connect_ok(server)
         if message.reply is not None or message.server is not server:
@@ -669,7 +684,7 @@ class Hl7Session(asyncio.Protocol):
 
     def _idle(self, pool: ServerPool, conn: ServerConn) -> None:
         if conn.closed:
-            self._serve_waiting(pool)
+            pool.serve_waiting()
             return
         while pool.waiting:
             waiter = pool.waiting.popleft()
@@ -677,14 +692,6 @@ class Hl7Session(asyncio.Protocol):
                 waiter.session._send(waiter, conn)
                 return
         pool.idle.append(conn)
-
-    def _serve_waiting(self, pool: ServerPool) -> None:
-        """A slot freed without a connection to hand over: let a waiter open one."""
-        while pool.waiting and pool.count < self.settings.connections_per_server:
-            waiter = pool.waiting.popleft()
-            if waiter.reply is None and waiter.server is pool.server and waiter.conn is None:
-                pool.count += 1
-                waiter.session.loop.create_task(waiter.session._connect(waiter, pool))
 
     def _finish_server(self, message: Message) -> None:
         server, message.server = message.server, None
