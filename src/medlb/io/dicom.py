@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, cast
 
 from medlb.errors import DicomProtocolError
-from medlb.io.tls import ClientTls, ServerTls
+from medlb.io.tls import ClientTls, ServerTls, accept_transport
 from medlb.layers.dicom import NO_SERVER, SERVERS_FAILED, DicomPolicy, Reject
 from medlb.model.server import Server
 from medlb.proto.dicom_dimse import StatusCategory
@@ -207,25 +207,16 @@ class DicomSession(asyncio.Protocol):
         self.loop.create_task(self._wrap(sock))
 
     async def _wrap(self, sock: socket.socket) -> None:
-        tls = self.settings.tls
-        try:
-            if tls is None:
-                await self.loop.connect_accepted_socket(lambda: self, sock)
-            else:
-                await self.loop.connect_accepted_socket(
-                    lambda: self, sock, ssl=tls.default, ssl_handshake_timeout=tls.handshake_timeout
-                )
-        except (OSError, TimeoutError, ValueError) as exc:
-            if tls is not None:
-                reason = "handshake timeout" if isinstance(exc, TimeoutError) else str(getattr(exc, "reason", exc))
+        failure = await accept_transport(self.loop, self, sock, self.settings.tls)
+        if failure is not None:
+            if self.settings.tls is not None:
                 log.info(
                     "dicom client=%s:%d frontend=%s TLS handshake failed: %s",
                     self.client_ip,
                     self.client_port,
                     self.frontend.name,
-                    reason,
+                    failure,
                 )
-            sock.close()
             self._finish("tls_handshake_failed")
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:

@@ -47,7 +47,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Literal, cast
 
 from medlb.errors import Hl7ProtocolError
-from medlb.io.tls import ClientTls, ServerTls
+from medlb.io.tls import ClientTls, ServerTls, accept_transport
 from medlb.layers.hl7 import DedupTable, Hl7Router, KeyOrder
 from medlb.model.server import Server
 from medlb.proto.hl7 import (
@@ -328,18 +328,16 @@ class Hl7Session(asyncio.Protocol):
         self.loop.create_task(self._wrap(sock))
 
     async def _wrap(self, sock: socket.socket) -> None:
-        tls = self.settings.tls
-        try:
-            if tls is None:
-                await self.loop.connect_accepted_socket(lambda: self, sock)
-            else:
-                await self.loop.connect_accepted_socket(
-                    lambda: self, sock, ssl=tls.default, ssl_handshake_timeout=tls.handshake_timeout
+        failure = await accept_transport(self.loop, self, sock, self.settings.tls)
+        if failure is not None:
+            if self.settings.tls is not None:
+                log.info(
+                    "hl7 client=%s:%d frontend=%s TLS handshake failed: %s",
+                    self.client_ip,
+                    self.client_port,
+                    self.frontend.name,
+                    failure,
                 )
-        except (OSError, TimeoutError, ValueError) as exc:
-            if tls is not None:
-                log.info("hl7 client=%s:%d TLS handshake failed: %s", self.client_ip, self.client_port, exc)
-            sock.close()
             self._ended()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:

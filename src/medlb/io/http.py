@@ -43,7 +43,7 @@ from ipaddress import IPv4Network, IPv6Network, ip_address
 from typing import TYPE_CHECKING, cast
 
 from medlb.config import CookieSettings
-from medlb.io.tls import ServerTls, subject_text
+from medlb.io.tls import ServerTls, accept_transport, subject_text
 from medlb.layers.http_rules import DEFAULT, NO_RULES, Decision, Router
 from medlb.model.persistence import Persistence, honours
 from medlb.model.server import Server
@@ -177,13 +177,6 @@ class HttpPersistence:
             parts.append("Secure")
         parts.append(f"SameSite={s.samesite}")
         return "; ".join(parts).encode()
-
-
-def _tls_reason(exc: BaseException) -> str:
-    if isinstance(exc, TimeoutError):
-        return "handshake timeout"
-    reason = getattr(exc, "reason", None)
-    return str(reason or exc or type(exc).__name__)
 
 
 def error_response(status: int, detail: str, *, retry_after: int | None = None, close: bool = True) -> bytes:
@@ -928,26 +921,18 @@ class HttpSession(asyncio.Protocol):
         self.loop.create_task(self._wrap(sock))
 
     async def _wrap(self, sock: socket.socket) -> None:
-        tls = self.settings.tls
-        try:
-            if tls is None:
-                await self.loop.connect_accepted_socket(lambda: self, sock)
-            else:
-                await self.loop.connect_accepted_socket(
-                    lambda: self, sock, ssl=tls.default, ssl_handshake_timeout=tls.handshake_timeout
-                )
-        except (OSError, TimeoutError, ValueError) as exc:
+        failure = await accept_transport(self.loop, self, sock, self.settings.tls)
+        if failure is not None:
             # A failed handshake (plain HTTP on a TLS port, no client certificate,
             # an old protocol) ends here: nothing was parsed, nothing reached a server.
-            if tls is not None:
+            if self.settings.tls is not None:
                 log.info(
                     "tls client=%s:%d frontend=%s handshake failed: %s",
                     self.client_ip,
                     self.client_port,
                     self.frontend.name,
-                    _tls_reason(exc),
+                    failure,
                 )
-            sock.close()
             self._ended()
 
     # -- connection events ---------------------------------------------------------------

@@ -9,7 +9,9 @@ reads files, so it happens at start and on reload, never per connection.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import socket
 import ssl
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -161,3 +163,34 @@ def client_tls(settings: BackendTls) -> ClientTls:
 def _pins(values: Iterable[str]) -> Iterable[bytes]:
     for value in values:
         yield bytes.fromhex(value.replace(":", ""))
+
+
+def handshake_failure(exc: BaseException) -> str:
+    """A short reason for a failed TLS handshake, for the log line."""
+    if isinstance(exc, TimeoutError):
+        return "handshake timeout"
+    reason = getattr(exc, "reason", None)
+    return str(reason or exc or type(exc).__name__)
+
+
+async def accept_transport(
+    loop: asyncio.AbstractEventLoop, protocol: asyncio.Protocol, sock: socket.socket, tls: ServerTls | None
+) -> str | None:
+    """Wrap an accepted socket in a uvloop transport for ``protocol``, with TLS when ``tls`` is set.
+
+    What the protocol modes share: the C read/write path of a transport, and the same code for
+    plain TCP and TLS. Returns None once ``protocol.connection_made`` has run, else why it failed
+    (a refused handshake: plaintext on a TLS port, no client certificate, an old protocol); the
+    socket is then closed, and nothing was read from it.
+    """
+    try:
+        if tls is None:
+            await loop.connect_accepted_socket(lambda: protocol, sock)
+        else:
+            await loop.connect_accepted_socket(
+                lambda: protocol, sock, ssl=tls.default, ssl_handshake_timeout=tls.handshake_timeout
+            )
+    except (OSError, TimeoutError, ValueError) as exc:
+        sock.close()
+        return handshake_failure(exc)
+    return None
