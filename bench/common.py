@@ -705,3 +705,50 @@ def run_and_report(
     print(f"written to {out}")
     failed = any(v is not None and v != v for (p, _), v in results.items() if p in paths)
     return 1 if failed else 0
+
+
+# --------------------------------------------------------------------------- shared by the protocol benches
+
+
+def haproxy_tcp_config(port: int, server: str, *, maxconn: int, bufsize: int, splice: bool) -> str:
+    """HAProxy ``mode tcp`` in its fastest shape, as every bench runs it: splice, generous timeouts,
+    no checks, no logging; one frontend on ``port``, one server at ``server`` (``host:port``)."""
+    lines = [
+        "global",
+        f"  maxconn {maxconn}",
+        f"  tune.bufsize {bufsize}",
+        "defaults",
+        "  mode tcp",
+        *(["  option splice-auto"] if splice else []),
+        "  timeout connect 3s",
+        "  timeout client 1h",
+        "  timeout server 1h",
+        f"  maxconn {maxconn}",
+        "frontend fe",
+        f"  bind {HOST}:{port}",
+        "  default_backend be",
+        "backend be",
+        f"  server s1 {server}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def loadavg() -> str:
+    """The 1/5/15-minute load average, for the report header (a loaded machine explains odd runs)."""
+    with contextlib.suppress(OSError):
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    return "unknown"
+
+
+def note_proxy_logs(
+    notes: list[str], proxies: dict[str, Proc | None], since: dict[str, int], titles: dict[str, str]
+) -> None:
+    """Add to ``notes`` what each proxy logged while it was measured (``since``: its line count before)."""
+    for path, start in since.items():
+        proxy = proxies[path]
+        assert proxy is not None
+        logged = proxy.log_lines()[start:]
+        if logged:
+            notes.append(
+                f"{titles[path]} logged {len(logged)} line(s) while measured; the last:\n" + "\n".join(logged[-15:])
+            )

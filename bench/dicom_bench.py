@@ -444,24 +444,13 @@ class Bench(common.BenchBase):
 
     def haproxy_config(self, port: int) -> str:
         """``mode tcp`` as in tcp_bench: splice, generous timeouts, no checks, no logging."""
-        lines = [
-            "global",
-            f"  maxconn {HAPROXY_MAXCONN}",
-            f"  tune.bufsize {self.s.haproxy_bufsize}",
-            "defaults",
-            "  mode tcp",
-            *(["  option splice-auto"] if self.s.haproxy_splice else []),
-            "  timeout connect 3s",
-            "  timeout client 1h",
-            "  timeout server 1h",
-            f"  maxconn {HAPROXY_MAXCONN}",
-            "frontend fe",
-            f"  bind {HOST}:{port}",
-            "  default_backend be",
-            "backend be",
-            f"  server s1 {HOST}:{self.scp_port}",
-        ]
-        return "\n".join(lines) + "\n"
+        return common.haproxy_tcp_config(
+            port,
+            f"{HOST}:{self.scp_port}",
+            maxconn=HAPROXY_MAXCONN,
+            bufsize=self.s.haproxy_bufsize,
+            splice=self.s.haproxy_splice,
+        )
 
     def medlb_config(self, port: int) -> str:
         """One ``mode: dicom`` frontend, one backend with storescp (``ae_title`` STORE), a C-ECHO check every 2 s."""
@@ -614,18 +603,10 @@ class Bench(common.BenchBase):
                 tail = f"\nproxy output:\n{proxy.log_tail()}" if proxy is not None else ""
                 self._fail(path, [test], BenchError(f"{exc}{tail}"), results)
 
-            self.load.append(_loadavg())
+            self.load.append(common.loadavg())
             samples = common.run_interleaved(self.s.repeat, plans, show, fail)
-            self.load.append(_loadavg())
-            for path, start in ready_lines.items():
-                proxy = proxies[path]
-                assert proxy is not None
-                logged = proxy.log_lines()[start:]
-                if logged:
-                    self.notes.append(
-                        f"{PATH_TITLES[path]} logged {len(logged)} line(s) while measured; the last:\n"
-                        + "\n".join(logged[-15:])
-                    )
+            self.load.append(common.loadavg())
+            common.note_proxy_logs(self.notes, proxies, ready_lines, PATH_TITLES)
             for (path, test), runs in samples.items():
                 self._aggregate(path, test, runs, results)
 
@@ -679,12 +660,6 @@ def cpu_seconds_precise(pgid: int) -> float:
 def _per(seconds: float) -> str:
     """A CPU time per instance or association: microseconds below 10 ms, else milliseconds."""
     return f"{seconds * 1e6:.0f} µs" if seconds < 0.01 else f"{seconds * 1e3:.1f} ms"
-
-
-def _loadavg() -> str:
-    with contextlib.suppress(OSError):
-        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    return "unknown"
 
 
 # --------------------------------------------------------------------------- report

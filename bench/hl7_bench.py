@@ -488,24 +488,13 @@ class Bench(common.BenchBase):
 
     def haproxy_config(self, port: int) -> str:
         """``mode tcp`` as in tcp_bench and dicom_bench: splice, generous timeouts, no checks, no logging."""
-        lines = [
-            "global",
-            f"  maxconn {HAPROXY_MAXCONN}",
-            f"  tune.bufsize {self.s.haproxy_bufsize}",
-            "defaults",
-            "  mode tcp",
-            *(["  option splice-auto"] if self.s.haproxy_splice else []),
-            "  timeout connect 3s",
-            "  timeout client 1h",
-            "  timeout server 1h",
-            f"  maxconn {HAPROXY_MAXCONN}",
-            "frontend fe",
-            f"  bind {HOST}:{port}",
-            "  default_backend be",
-            "backend be",
-            f"  server s1 {HOST}:{self.recv_port}",
-        ]
-        return "\n".join(lines) + "\n"
+        return common.haproxy_tcp_config(
+            port,
+            f"{HOST}:{self.recv_port}",
+            maxconn=HAPROXY_MAXCONN,
+            bufsize=self.s.haproxy_bufsize,
+            splice=self.s.haproxy_splice,
+        )
 
     def medlb_config(self, port: int) -> str:
         """One ``mode: hl7`` frontend (default ``hl7:`` settings), one backend with the receiver, an hl7 check."""
@@ -675,18 +664,10 @@ class Bench(common.BenchBase):
                 tail = f"\nproxy output:\n{proxy.log_tail()}" if proxy is not None else ""
                 self._fail(path, [test], BenchError(f"{exc}{tail}"), results)
 
-            self.load.append(_loadavg())
+            self.load.append(common.loadavg())
             samples = common.run_interleaved(self.s.repeat, plans, show, fail)
-            self.load.append(_loadavg())
-            for path, start in ready_lines.items():
-                proxy = proxies[path]
-                assert proxy is not None
-                logged = proxy.log_lines()[start:]
-                if logged:
-                    self.notes.append(
-                        f"{PATH_TITLES[path]} logged {len(logged)} line(s) while measured; the last:\n"
-                        + "\n".join(logged[-15:])
-                    )
+            self.load.append(common.loadavg())
+            common.note_proxy_logs(self.notes, proxies, ready_lines, PATH_TITLES)
             for (path, test), runs in samples.items():
                 self._aggregate(path, test, runs, results)
         for proc in self.receivers:
@@ -752,12 +733,6 @@ def _listening(pid: int, port: int) -> bool:
             if cols[1].endswith(want) and cols[3] == "0A" and cols[9] in inodes:
                 return True
     return False
-
-
-def _loadavg() -> str:
-    with contextlib.suppress(OSError):
-        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    return "unknown"
 
 
 # --------------------------------------------------------------------------- report

@@ -377,15 +377,7 @@ class Bench(common.BenchBase):
                 self._fail(path, [test], BenchError(f"{exc}{tail}"), results)
 
             samples = common.run_interleaved(self.s.repeat, plans, show, fail)
-            for path, start in ready_lines.items():
-                proxy = proxies[path]
-                assert proxy is not None
-                logged = proxy.log_lines()[start:]
-                if logged:
-                    self.notes.append(
-                        f"{PATH_TITLES[path]} logged {len(logged)} line(s) while measured; the last:\n"
-                        + "\n".join(logged[-15:])
-                    )
+            common.note_proxy_logs(self.notes, proxies, ready_lines, PATH_TITLES)
             for (path, test), runs in samples.items():
                 values, cpu = common.medians(runs)
                 for key, value in values.items():
