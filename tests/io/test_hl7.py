@@ -1324,3 +1324,23 @@ def test_a_message_queued_for_a_dead_connection_does_not_wait_for_its_ack_timeou
     finally:
         listener.close()
         healthy.close()
+
+
+def test_message_and_ack_counts_reach_the_status_api_and_the_metrics(lab: Lab) -> None:
+    from tests.helpers import api, with_admin
+
+    r1 = lab.receiver("r1")
+    port = free_port()
+    config = hl7_config(port, [backend("ris", [("r1", r1.port)])])
+    url = with_admin(config, lab.tmp)
+    lb = lab.medlb(config)
+    wait_up(lb, "ris/r1")
+    replies = exchange(port, [message("CNT1"), message("CNT2", "P2"), message("CNT3", mtype="ORU^R01^ORU_R01")])
+    assert [r.code for r in replies] == ["AA", "AA", "AA"]
+    code, doc = api(f"{url}/api/v1/backends/ris/servers/r1")
+    assert code == 200, doc
+    assert doc["hl7"] == {"messages": {"ADT^A01^ADT_A01": 2, "ORU^R01^ORU_R01": 1}, "acks": {"AA": 3}}, doc["hl7"]
+    code, text = api(f"{url}/metrics")
+    assert code == 200
+    assert 'medlb_server_hl7_messages_total{backend="ris",server="r1",type="ADT^A01^ADT_A01"} 2.0' in text
+    assert 'medlb_server_hl7_acks_total{backend="ris",code="AA",server="r1"} 3.0' in text
