@@ -89,12 +89,36 @@ def site() -> Iterator[Site]:
                 "servers": [{"name": "r1", "address": f"127.0.0.1:{closed_port}"}],
             }
         )
+        # mode: dicom and mode: hl7, each with one real peer, so the page shows protocol counters.
+        archive = _archive(stack)
+        receiver = _hl7_receiver(stack)
+        dicom_port, hl7_port = free_port(), free_port()
+        config["frontends"] += [
+            {"name": "modalities", "mode": "dicom", "bind": [f"127.0.0.1:{dicom_port}"], "default_backend": "archive"},
+            {"name": "orders", "mode": "hl7", "bind": [f"127.0.0.1:{hl7_port}"], "default_backend": "results"},
+        ]
+        config["backends"] += [
+            {
+                "name": "archive",
+                "check": {"type": "dicom-echo"},
+                "servers": [{"name": "a1", "address": f"127.0.0.1:{archive}", "ae_title": "ARCHIVE"}],
+            },
+            {
+                "name": "results",
+                "check": {"type": "hl7"},
+                "servers": [{"name": "h1", "address": f"127.0.0.1:{receiver}"}],
+            },
+        ]
         url = with_admin(config, tmp)
         lb = stack.enter_context(running_medlb(config, tmp))
         lb.wait_for_log("admin API and dashboard on")
         lb.wait_for_log("pacs/s1 op_state DOWN -> UP")
         lb.wait_for_log("pacs/s2 op_state DOWN -> UP")
         wait_until(lambda: _status(url)["backends"][0]["usable_servers"] == 2)
+        lb.wait_for_log("archive/a1 op_state DOWN -> UP")
+        lb.wait_for_log("results/h1 op_state DOWN -> UP")
+        _echo(dicom_port)
+        _hl7_message(hl7_port)
         # Three open sessions, one of them with steady traffic, so the page has live numbers.
         socks = [stack.enter_context(socket.create_connection(("127.0.0.1", pacs_port), timeout=5)) for _ in range(3)]
         for sock in socks:
@@ -105,6 +129,76 @@ def site() -> Iterator[Site]:
         stack.callback(pump.join, 5)
         stack.callback(stop.set)
         yield Site(url, pacs_port)
+
+
+def _archive(stack: ExitStack) -> int:
+    """A pynetdicom Verification SCP called ARCHIVE; returns its port."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+    ae = AE(ae_title="ARCHIVE")
+    ae.add_supported_context(Verification)
+    port = free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False)
+    stack.callback(server.shutdown)
+    return port
+
+
+def _echo(port: int) -> None:
+    """One C-ECHO association through medlb's mode: dicom frontend."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+    ae = AE(ae_title="WORKSTATION")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", port, ae_title="ARCHIVE")
+    assert assoc.is_established
+    assert assoc.send_c_echo().Status == 0
+    assoc.release()
+
+
+def _hl7_receiver(stack: ExitStack) -> int:
+    """An MLLP receiver (medlb's own codec, in a thread) that answers AA; returns its port."""
+    from medlb.proto import hl7, mllp
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    stack.callback(listener.close)
+
+    def serve(conn: socket.socket) -> None:
+        framer = mllp.MllpFramer()
+        with conn:
+            while data := conn.recv(65536):
+                for payload in framer.feed(data):
+                    ack = hl7.make_ack(hl7.parse_header(payload), "AA", timestamp="20261122120000")
+                    conn.sendall(mllp.frame(ack))
+
+    def accept() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    return int(listener.getsockname()[1])
+
+
+def _hl7_message(port: int) -> None:
+    """One ADT^A01 through medlb's mode: hl7 frontend, acknowledged AA."""
+    from medlb.proto import mllp
+
+    payload = b"MSH|^~\\&|HIS|H|RIS|H|20261122||ADT^A01|DASH1|P|2.5\rPID|1||P1^^^H\r"
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(mllp.frame(payload))
+        answer = b""
+        while not answer.endswith(b"\x1c\r"):
+            chunk = sock.recv(4096)
+            assert chunk, "no ACK"
+            answer += chunk
+    assert b"MSA|AA|DASH1" in answer, answer
 
 
 def _pump(sock: socket.socket, stop: threading.Event) -> None:
@@ -216,6 +310,11 @@ def test_login_see_servers_drain_and_screenshot(site: Site, page: Page) -> None:
     expect(banner).to_have_text("Backend ris has no UP server")
     expect(banner).to_have_attribute("role", "alert")
     assert page.locator('.banner[data-banner-backend="pacs"]').count() == 0
+
+    # Protocol counters under each server's throughput: DIMSE for mode dicom, messages/ACKs for hl7.
+    expect(page.locator('tr[data-server="archive/a1"] .dimse')).to_have_text("C-ECHO 1 · ok 1 · fail 0")
+    expect(page.locator('tr[data-server="results/h1"] .dimse')).to_have_text("ADT^A01 1 · AA 1")
+    expect(page.locator('tr[data-server="pacs/s1"] .dimse')).to_have_text("")
 
     # Cancelling the confirmation changes nothing.
     s2.locator('button[data-action="maint"]').click()
