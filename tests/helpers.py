@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import re
 import signal
 import socket
 import socketserver
@@ -299,3 +300,26 @@ def admin_medlb(tmp: Path, names: tuple[str, ...] = ("s1", "s2"), **admin: Any) 
     finally:
         for b in backends:
             b.stop()
+
+
+def log_field(line: str, name: str) -> str:
+    """The value of ``name=value`` in a log line (the test fails when it is absent)."""
+    match = re.search(rf"\b{name}=(\S+)", line)
+    assert match is not None, (name, line)
+    return match.group(1)
+
+
+class LabBase:
+    """Everything a protocol test starts, stopped in reverse order whatever happens (``stack``)."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.stack = contextlib.ExitStack()
+        self._n = 0
+
+    def medlb(self, config: dict[str, Any]) -> Medlb:
+        """A medlb process with ``config``, in a directory of its own, stopped with the lab."""
+        self._n += 1
+        directory = self.tmp / f"medlb{self._n}"
+        directory.mkdir()
+        return self.stack.enter_context(running_medlb(config, directory))

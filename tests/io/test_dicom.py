@@ -35,7 +35,7 @@ from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.pdu_primitives import AsynchronousOperationsWindowNegotiation, SCP_SCU_RoleSelectionNegotiation
 from pynetdicom.sop_class import CTImageStorage, MRImageStorage, Verification
 
-from tests.helpers import Backend, Medlb, ThreadedServer, free_port, running_medlb, wait_until
+from tests.helpers import Backend, LabBase, Medlb, ThreadedServer, free_port, log_field, wait_until
 
 HOST = "127.0.0.1"
 DCMTK_TOOLS = ("echoscu", "storescu", "storescp")
@@ -273,25 +273,8 @@ def log_lines(lb: Medlb, needle: str) -> list[str]:
     return [line for line in lb.log.splitlines() if "medlb.dicom: dicom client=" in line and needle in line]
 
 
-def field(line: str, name: str) -> str:
-    match = re.search(rf"\b{name}=(\S+)", line)
-    assert match is not None, (name, line)
-    return match.group(1)
-
-
-class Lab:
+class Lab(LabBase):
     """Everything a test starts, stopped in reverse order whatever happens."""
-
-    def __init__(self, tmp: Path) -> None:
-        self.tmp = tmp
-        self.stack = contextlib.ExitStack()
-        self._n = 0
-
-    def medlb(self, config: dict[str, Any]) -> Medlb:
-        self._n += 1
-        directory = self.tmp / f"medlb{self._n}"
-        directory.mkdir()
-        return self.stack.enter_context(running_medlb(config, directory))
 
     def store_scp(self, ae_title: str, *, require_called: bool = True) -> StoreSCP:
         scp = StoreSCP(ae_title, require_called=require_called)
@@ -460,7 +443,7 @@ def test_roundrobin_spreads_associations(lab: Lab) -> None:
         assert echo.returncode == 0, echo.stderr + echo.stdout
     assert [s.echoes.count("RR") for s in scps] == [3, 3]
     wait_until(lambda: len(log_lines(lb, "calling=RR ")) == 6)
-    assert Counter(field(line, "server") for line in log_lines(lb, "calling=RR ")) == {"a1": 3, "a2": 3}
+    assert Counter(log_field(line, "server") for line in log_lines(lb, "calling=RR ")) == {"a1": 3, "a2": 3}
 
 
 def test_source_balance_keeps_a_calling_ae_on_one_server(lab: Lab) -> None:
@@ -532,7 +515,7 @@ def test_called_ae_is_rewritten_per_server_and_restored_in_the_ac(lab: Lab) -> N
             sock.sendall(bytes.fromhex("05000000000400000000"))  # A-RELEASE-RQ
             assert read_pdu(sock)[0] == 0x06
     wait_until(lambda: len(log_lines(lb, "calling=RAWSCU")) == 2)
-    assert sorted(field(line, "server_ae") for line in log_lines(lb, "calling=RAWSCU")) == ["STORE_A", "STORE_B"]
+    assert sorted(log_field(line, "server_ae") for line in log_lines(lb, "calling=RAWSCU")) == ["STORE_A", "STORE_B"]
 
     # No ae_title: each archive refuses the called AE (reason 7), and the client gets that very RJ.
     for _ in range(2):
@@ -710,7 +693,9 @@ def test_storescp_killed_during_a_transfer(lab: Lab, tmp_path: Path) -> None:
     (line,) = log_lines(lb, "calling=MODALITY")
     # Killed between PDUs: the client got an A-ABORT; killed while it was sending a response PDU
     # (DCMTK writes the PDU and PDV headers separately), a reset, since medlb never forges the rest.
-    assert f"server={name}" in line and re.fullmatch(r"server_(close|reset)_(aborted|cut)", field(line, "term")), line
+    assert f"server={name}" in line and re.fullmatch(r"server_(close|reset)_(aborted|cut)", log_field(line, "term")), (
+        line
+    )
     for _ in range(4):
         echo = run_tool("echoscu", "-aet", "AFTER", "-aec", "STORESCP", HOST, str(port))
         assert echo.returncode == 0, echo.stdout + echo.stderr

@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import dataclasses
 import itertools
-import re
 import signal
 import socket
 import struct
@@ -31,7 +30,7 @@ import hl7
 import hl7.mllp
 import pytest
 
-from tests.helpers import Medlb, ThreadedServer, free_port, running_medlb, wait_until
+from tests.helpers import LabBase, Medlb, ThreadedServer, free_port, log_field, running_medlb, wait_until
 
 HOST = "127.0.0.1"
 ROOT = Path(__file__).resolve().parents[2]
@@ -449,25 +448,8 @@ def the_line(lb: Medlb, control_id: str, timeout: float = 5.0) -> str:
     return lines[0]
 
 
-def field(line: str, name: str) -> str:
-    match = re.search(rf"\b{name}=(\S+)", line)
-    assert match is not None, (name, line)
-    return match.group(1)
-
-
-class Lab:
+class Lab(LabBase):
     """Everything a test starts, stopped in reverse order whatever happens."""
-
-    def __init__(self, tmp: Path) -> None:
-        self.tmp = tmp
-        self.stack = contextlib.ExitStack()
-        self._n = 0
-
-    def medlb(self, config: dict[str, Any]) -> Medlb:
-        self._n += 1
-        directory = self.tmp / f"medlb{self._n}"
-        directory.mkdir()
-        return self.stack.enter_context(running_medlb(config, directory))
 
     def receiver(self, name: str, **kwargs: Any) -> Receiver:
         receiver = Receiver(name, **kwargs)
@@ -585,13 +567,13 @@ def test_each_message_gets_its_own_server_ack_and_one_log_line(lab: Lab) -> None
     assert r1.ids() and r2.ids(), "both servers take messages"
     for reply, cid in zip(replies, ids, strict=True):
         line = the_line(lb, cid)
-        assert field(line, "client").startswith(f"{HOST}:")
-        assert field(line, "type") == "ADT^A01^ADT_A01"
-        assert field(line, "server") == reply.sender.lower()
-        assert field(line, "ack") == "AA"
-        assert field(line, "attempts") == "1"
-        assert field(line, "term") == "acked"
-        assert float(field(line, "latency_ms")) >= 0.0
+        assert log_field(line, "client").startswith(f"{HOST}:")
+        assert log_field(line, "type") == "ADT^A01^ADT_A01"
+        assert log_field(line, "server") == reply.sender.lower()
+        assert log_field(line, "ack") == "AA"
+        assert log_field(line, "attempts") == "1"
+        assert log_field(line, "term") == "acked"
+        assert float(log_field(line, "latency_ms")) >= 0.0
     assert len(log_lines(lb)) == len(ids)
 
 
@@ -773,7 +755,7 @@ def test_a_late_ack_is_never_taken_for_the_next_message(lab: Lab) -> None:
     assert all(conn != trap_conn for conn, cid in late.got[1:]), late.got  # never on the timed-out connection
     wait_until(lambda: any(cid == "TRAP1" for _, cid, _ in late.sent) or late.write_errors, timeout=3)
     line = the_line(lb, "TRAP1")
-    assert (field(line, "server"), field(line, "attempts"), field(line, "ack")) == ("r1", "2", "AA")
+    assert (log_field(line, "server"), log_field(line, "attempts"), log_field(line, "ack")) == ("r1", "2", "AA")
     assert "did not acknowledge TRAP1" in lb.log
 
 
@@ -805,7 +787,7 @@ def test_rejected_message_goes_to_another_server(lab: Lab, reject: str) -> None:
         assert ok.record(cid).raw == texts[i].encode() and ok.record(cid).ack == reply.raw
         assert cid in rej.ids()  # it was tried there first
         line = the_line(lb, cid)
-        assert (field(line, "server"), field(line, "ack"), field(line, "attempts")) == ("ok", success, "2")
+        assert (log_field(line, "server"), log_field(line, "ack"), log_field(line, "attempts")) == ("ok", success, "2")
     # A pool where every server rejects: the sender never hears a success, only medlb's NAK in time.
     start = time.monotonic()
     [nak] = exchange(port, [message("ALLREJ1", "Z", mtype="ORU^R01^ORU_R01", enhanced=enhanced)])
@@ -815,7 +797,7 @@ def test_rejected_message_goes_to_another_server(lab: Lab, reject: str) -> None:
     # Retried on it until the deadline, never taken as a success; one try per round, a round every
     # 250 ms (docs/hl7.md), not as fast as a rejecting server can answer.
     assert 2 <= len(only_rej.ids()) <= MAX_ROUNDS, len(only_rej.ids())
-    assert field(the_line(lb, "ALLREJ1"), "term").startswith("gave_up:")
+    assert log_field(the_line(lb, "ALLREJ1"), "term").startswith("gave_up:")
 
 
 @pytest.mark.parametrize("retry_on_ae", [False, True])
@@ -834,13 +816,17 @@ def test_ae_is_passed_on_unless_retry_on_ae(lab: Lab, retry_on_ae: bool) -> None
     assert err.ids() == ["AE1"]
     if retry_on_ae:
         assert_stored(reply, "AE1", ok)
-        assert field(the_line(lb, "AE1"), "attempts") == "2"
+        assert log_field(the_line(lb, "AE1"), "attempts") == "2"
     else:
         assert (reply.code, reply.acked, reply.sender) == ("AE", "AE1", "ERR")
         assert reply.raw == err.record("AE1").ack
         assert ok.ids() == []
         line = the_line(lb, "AE1")
-        assert (field(line, "ack"), field(line, "term"), field(line, "attempts")) == ("AE", "server_AE", "1")
+        assert (log_field(line, "ack"), log_field(line, "term"), log_field(line, "attempts")) == (
+            "AE",
+            "server_AE",
+            "1",
+        )
 
 
 # --------------------------------------------------------------------------- 4. giving up
@@ -883,19 +869,19 @@ def test_no_server_within_delivery_timeout(lab: Lab, on_failure: str) -> None:
     else:
         assert closed and replies == []
     line = the_line(lb, "DOWN1")
-    assert field(line, "term") == "gave_up:delivery_timeout"
-    assert field(line, "ack") == ("closed" if on_failure == "close" else "AR")
+    assert log_field(line, "term") == "gave_up:delivery_timeout"
+    assert log_field(line, "ack") == ("closed" if on_failure == "close" else "AR")
     # While every server is down a message looks again every 250 ms (docs/hl7.md), one try per
     # server per round: not a connect storm against servers that refuse in microseconds.
-    assert 2 <= int(field(line, "attempts")) <= 2 * MAX_ROUNDS, line
+    assert 2 <= int(log_field(line, "attempts")) <= 2 * MAX_ROUNDS, line
     assert lb.log.count("connect to ris/d1 failed") <= 2 * MAX_ROUNDS
     line = the_line(lb, "DOWN2")
     if on_failure == "nak":
-        assert (field(line, "term"), field(line, "ack")) == ("gave_up:delivery_timeout", "CR")
+        assert (log_field(line, "term"), log_field(line, "ack")) == ("gave_up:delivery_timeout", "CR")
     else:
         # Gone with the connection that DOWN1's failure closed (or given up just before, its deadline
         # being a moment later): logged all the same, never a success.
-        outcome = (field(line, "term"), field(line, "ack"))
+        outcome = (log_field(line, "term"), log_field(line, "ack"))
         assert outcome in {("closed_on_failure", "-"), ("gave_up:delivery_timeout", "closed")}, line
 
 
@@ -918,7 +904,7 @@ def test_a_server_back_within_the_window_gets_the_message(lab: Lab) -> None:
     assert_stored(reply, "LATE1", *holder)
     assert 1.2 <= took < 3.0, took
     line = the_line(lb, "LATE1")
-    assert field(line, "term") == "acked" and int(field(line, "attempts")) >= 2
+    assert log_field(line, "term") == "acked" and int(log_field(line, "attempts")) >= 2
 
 
 # --------------------------------------------------------------------------- 5. ordering
@@ -1024,7 +1010,7 @@ def test_duplicates_are_answered_without_a_second_delivery(lab: Lab) -> None:
     assert two.raw == one.raw
     assert total("DUP2", r1, r2) == 1
     wait_until(lambda: len(lines_for(lb, "DUP1") + lines_for(lb, "DUP2")) >= 5, timeout=3)
-    terms = sorted(field(line, "term") for line in lines_for(lb, "DUP1") + lines_for(lb, "DUP2"))
+    terms = sorted(log_field(line, "term") for line in lines_for(lb, "DUP1") + lines_for(lb, "DUP2"))
     assert terms == ["acked", "acked", "acked", "duplicate", "duplicate_in_flight"], terms
 
 
@@ -1052,7 +1038,7 @@ def test_a_resend_waiting_on_a_copy_whose_sender_left_is_answered(lab: Lab) -> N
     assert (reply.code, reply.acked, reply.sender) == ("AR", "ORPHAN1", "RIS"), reply
     assert took < 2.0, took
     wait_until(lambda: len(lines_for(lb, "ORPHAN1")) >= 2, timeout=3)
-    terms = sorted(field(line, "term") for line in lines_for(lb, "ORPHAN1"))
+    terms = sorted(log_field(line, "term") for line in lines_for(lb, "ORPHAN1"))
     assert terms == ["client_gone", "gave_up:first_copy_abandoned"], terms
 
 
@@ -1094,7 +1080,7 @@ def test_routing_by_message_type_and_sending_facility(lab: Lab) -> None:
     assert oru.ids() == ["RT-ORU"]
     assert fac.ids() == ["RT-SOUTH"]
     assert sorted(other.ids()) == ["RT-ADT40", "RT-QRY"]
-    assert field(the_line(lb, "RT-SOUTH"), "backend") == "south"
+    assert log_field(the_line(lb, "RT-SOUTH"), "backend") == "south"
 
 
 # --------------------------------------------------------------------------- 8. a receiver killed mid-stream
@@ -1143,7 +1129,7 @@ def test_a_receiver_killed_mid_stream_loses_nothing(lab: Lab) -> None:
     assert lost_in_flight <= survivor_record.acked()
     for cid in lost_in_flight:
         line = the_line(lb, cid)
-        assert field(line, "server") == "survivor" and int(field(line, "attempts")) >= 2, line
+        assert log_field(line, "server") == "survivor" and int(log_field(line, "attempts")) >= 2, line
 
 
 def test_messages_of_a_sender_that_left_are_not_sent_later_and_are_logged(lab: Lab) -> None:
@@ -1163,9 +1149,9 @@ def test_messages_of_a_sender_that_left_are_not_sent_later_and_are_logged(lab: L
     time.sleep(0.1)
     reset(sock)  # the sender dies: a reset, not a FIN (which only means "done sending")
     line = the_line(lb, "GONE1")
-    assert (field(line, "server"), field(line, "ack"), field(line, "term")) == ("r1", "AA", "acked")
+    assert (log_field(line, "server"), log_field(line, "ack"), log_field(line, "term")) == ("r1", "AA", "acked")
     line = the_line(lb, "GONE2")
-    assert (field(line, "ack"), field(line, "term")) == ("-", "client_gone"), line
+    assert (log_field(line, "ack"), log_field(line, "term")) == ("-", "client_gone"), line
     # The next message of GONE2's patient is not held behind it, and GONE2 never reached R1.
     [reply] = exchange(port, [message("GONE3", "Y")])
     assert_stored(reply, "GONE3", r1)
