@@ -26,10 +26,11 @@ EXIT_RUNTIME = 1
 EXIT_CONFIG = 2
 
 
-def setup_logging(level: str) -> None:
+def setup_logging(level: str, tag: str = "") -> None:
+    """Log to stderr; ``tag`` marks the lines of a worker process ("worker 2")."""
     logging.basicConfig(
         level=getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        format=f"%(asctime)s %(levelname)-7s {tag + ' ' if tag else ''}%(name)s: %(message)s",
         stream=sys.stderr,
     )
 
@@ -85,6 +86,47 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return EXIT_RUNTIME
 
 
+def _cmd_worker(args: argparse.Namespace) -> int:
+    """A worker process of ``global.workers``, started by the main process (never by hand)."""
+    import pickle
+    import socket
+
+    from medlb.io.workers import Channel, WorkerRole
+    from medlb.supervisor import Supervisor, new_event_loop
+
+    sock = socket.socket(fileno=args.channel_fd)
+    # The first message decides the event loop, so it is read before the loop exists.
+    with sock.makefile("rb") as f:
+        size = int.from_bytes(f.read(4), "big")
+        hello = pickle.loads(f.read(size)) if size else None
+    if not isinstance(hello, dict) or hello.get("t") != "hello":
+        print("medlb worker: started without a hello from the main process", file=sys.stderr)
+        return EXIT_RUNTIME
+    config = hello["config"]
+    setup_logging(args.log_level or hello.get("log_level") or config.global_.log_level, f"worker {args.index}")
+    # Workers mirror the main process's state changes: its log already tells them.
+    logging.getLogger("medlb.state").setLevel(logging.ERROR)
+
+    async def main() -> int:
+        channel = await Channel.open(sock)
+        role = WorkerRole(args.index, channel, hello)
+        try:
+            return await Supervisor(config, log_sessions=hello["log_sessions"], worker=role).run()
+        except MedlbError as exc:
+            channel.send({"t": "error", "message": str(exc)})
+            await channel.writer.drain()
+            raise
+        finally:
+            channel.close()
+
+    try:
+        with asyncio.Runner(loop_factory=new_event_loop(config.global_.loop)) as runner:
+            return runner.run(main())
+    except MedlbError as exc:
+        logging.getLogger("medlb").error("%s", exc)
+        return EXIT_RUNTIME
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from medlb.demo import run_demo
 
@@ -117,6 +159,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--admin-port", type=int, default=9900, help="the admin API and dashboard port")
     demo.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     demo.set_defaults(func=_cmd_demo)
+
+    worker = sub.add_parser(
+        "worker", help=argparse.SUPPRESS
+    )  # started by the main process for global.workers; not for people
+    worker.add_argument("--channel-fd", type=int, required=True)
+    worker.add_argument("--index", type=int, required=True)
+    worker.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    worker.set_defaults(func=_cmd_worker)
 
     add_ctl_parser(sub)
     return parser

@@ -552,6 +552,9 @@ class GlobalConfig(_Strict):
     nofile: Annotated[int, Field(ge=1024)] = 200_000
     loop: Literal["auto", "asyncio", "uvloop"] = "auto"
     splice: bool = True
+    #: Processes serving ``mode: http`` and ``mode: tcp`` frontends (SO_REUSEPORT). The main
+    #: process is one of them and keeps checks, the admin API and the dicom/hl7 frontends.
+    workers: Annotated[int, Field(ge=1, le=64)] = 1
 
 
 class AdminTls(_Strict):
@@ -841,14 +844,19 @@ def load_config(path: str | Path) -> Config:
         raise ConfigError([ConfigIssue(f"byte {exc.start}", "the file is not UTF-8 text")], str(path)) from None
     except OSError as exc:
         raise ConfigError([ConfigIssue("", f"cannot read file: {exc.strerror}")], str(path)) from None
+    return parse_config_text(text, str(path))
+
+
+def parse_config_text(text: str, source: str = "") -> Config:
+    """Validate YAML text: what :func:`load_config` read, or what a worker process was sent."""
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError([ConfigIssue(where, f"YAML syntax error: {problem}")], str(path)) from None
-    return parse_config(raw, str(path))
+        raise ConfigError([ConfigIssue(where, f"YAML syntax error: {problem}")], source) from None
+    return parse_config(raw, source)
 
 
 # --------------------------------------------------------------------------- resolution

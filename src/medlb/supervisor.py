@@ -54,6 +54,16 @@ from medlb.io.hl7 import Hl7Settings, Hl7State
 from medlb.io.http import HttpPersistence, HttpSettings
 from medlb.io.runtime import Runtime
 from medlb.io.tls import ClientTls, client_tls, server_tls
+from medlb.io.workers import (
+    REPORT_INTERVAL,
+    WORKER_MODES,
+    Msg,
+    WorkerPool,
+    WorkerRole,
+    apply_state,
+    collect,
+    server_state,
+)
 from medlb.layers.dicom import DicomPolicy
 from medlb.layers.hl7 import Hl7Router
 from medlb.layers.http_rules import Router
@@ -110,8 +120,21 @@ def raise_nofile(wanted: int) -> int:
 class Supervisor:
     """Runs one configuration until asked to stop; reloads it in place on request."""
 
-    def __init__(self, config: Config, *, log_sessions: bool = True, config_path: str | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        log_sessions: bool = True,
+        config_path: str | None = None,
+        worker: WorkerRole | None = None,
+    ) -> None:
         self.config = config
+        #: Set in a worker process of ``global.workers`` (see io/workers.py); None in the main one.
+        self.worker = worker
+        #: The main process's worker processes, once started (``global.workers`` > 1).
+        self.pool: WorkerPool | None = None
+        #: Processes serving http/tcp frontends; fixed at start (a reload cannot change it).
+        self.workers: int = worker.hello["workers"] if worker is not None else config.global_.workers
         self.config_path = config_path or ""
         self.log_sessions = log_sessions
         self.runtime = Runtime(config)
@@ -120,12 +143,15 @@ class Supervisor:
         self.exit_code = 0
         self.last_reload: dict[str, Any] | None = None
         self.admin: AdminServer | None = None
-        self.alerts = AlertManager(config.alerts)
+        # Workers mirror state changes from the main process: only the main process alerts.
+        self.alerts = AlertManager(config.alerts if worker is None else None)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._reload_lock = asyncio.Lock()
         self._group: asyncio.TaskGroup | None = None
         #: Config servers removed through the API: a reload of an unchanged entry keeps them out.
         self._removed: set[tuple[str, str]] = set()
+        #: Worker: servers whose connect failures were reported to the main process.
+        self._failing: set[str] = set()
 
     # -- building -----------------------------------------------------------------------
 
@@ -184,6 +210,9 @@ class Supervisor:
         config = self.config
         runtime = self.runtime
         runtime.epoch_offset = time.time() - loop.time()
+        if self.worker is not None:
+            runtime.run_checks = False
+            runtime.peer_observer = self._observed
         now = loop.time()
         for b_cfg in config.backends:
             servers = [self._make_server(config, b_cfg, s_cfg, now) for s_cfg in b_cfg.servers]
@@ -229,6 +258,8 @@ class Supervisor:
         )
         frontend.backend_tls = self.runtime.backend_tls
         frontend.persistence = self.runtime.persistence
+        if self.workers > 1:
+            frontend.stick_peer = self._share_stick
         frontend.backends = self.runtime.backends
         return frontend
 
@@ -247,11 +278,19 @@ class Supervisor:
         its socket instead of trying to bind the same port twice.
         """
         opened: list[tuple[str, HostPort, socket.socket]] = []
+        ports: dict[tuple[str, int], int] = self.worker.hello["ports"] if self.worker is not None else {}
         try:
             for f_cfg in config.frontends:
-                for address in f_cfg.bind:
+                shared = self.workers > 1 and f_cfg.mode in WORKER_MODES
+                if self.worker is not None and f_cfg.mode not in WORKER_MODES:
+                    continue  # dicom and hl7 frontends are the main process's alone
+                for i, address in enumerate(f_cfg.bind):
                     if address not in keep or address.port == 0:
-                        opened.append((f_cfg.name, address, open_listener(address, f_cfg.backlog)))
+                        at = address
+                        if self.worker is not None:  # the main process's port (it differs from 0)
+                            at = HostPort(address.host, ports.get((f_cfg.name, i), address.port))
+                        sock = open_listener(at, f_cfg.backlog, reuseport=shared)
+                        opened.append((f_cfg.name, address, sock))
         except StartupError:
             _close_all(opened)
             raise
@@ -283,30 +322,42 @@ class Supervisor:
         log.warning(
             "server %s added at %s by %s (starts DOWN until its first check passes)", server.key, spec.address, source
         )
+        if self.pool is not None:
+            self.pool.broadcast({"t": "add", "backend": backend_name, "spec": spec, "source": source})
         return server
 
-    def remove_server(self, backend_name: str, server_name: str, *, force: bool, source: str) -> int:
-        """Remove a server: only from MAINT with no sessions, unless ``force`` closes them."""
+    def remove_server(
+        self, backend_name: str, server_name: str, *, force: bool, source: str, checked: bool = False
+    ) -> int:
+        """Remove a server: only from MAINT with no sessions, unless ``force`` closes them.
+
+        ``checked``: the main process already checked (a worker applying its removal): a
+        worker's own sessions on the server, if any, finish on the retired server.
+        """
         backend = self.runtime.backends.get(backend_name)
         if backend is None:
             raise AdminError(404, f"no backend named {backend_name!r}")
         server = backend.server(server_name)
         if server is None:
             raise AdminError(404, f"backend {backend_name!r} has no server named {server_name!r}")
-        if not force and (server.admin_state is not AdminState.MAINT or server.cur_sessions > 0):
+        if not force and not checked and (server.admin_state is not AdminState.MAINT or server.all_sessions > 0):
             raise AdminError(
                 409,
-                f"{server.key} is {server.admin_state.value} with {server.cur_sessions} session(s): "
+                f"{server.key} is {server.admin_state.value} with {server.all_sessions} session(s): "
                 "put it in maint and wait until drained, or use force=true to close its sessions",
                 admin_state=server.admin_state.value,
-                cur_sessions=server.cur_sessions,
+                cur_sessions=server.all_sessions,
             )
         backend.reconfigure([s for s in backend.servers if s is not server], backend.balancer, backend.policy)
         self.runtime.stop_checker(server)
         self.runtime.added.pop((backend_name, server_name), None)
         if _find(self.config.backend(backend_name).servers, server_name) is not None:
             self._removed.add((backend_name, server_name))
+        if self.pool is not None:
+            self.pool.broadcast({"t": "remove", "backend": backend_name, "server": server_name, "force": force})
         closed = self.runtime.shutdown_sessions(server, "server_removed") if force else 0
+        if not force and server.cur_sessions > 0:
+            self.runtime.retired_servers.append(server)
         log.warning("server %s removed by %s (%d session(s) closed)", server.key, source, closed)
         return closed
 
@@ -346,6 +397,14 @@ class Supervisor:
             new = load_config(self.config_path)
         except ConfigError as exc:
             return ReloadResult(False, f"{self.config_path} is invalid ({len(exc.issues)} error(s))", exc.issues)
+        result = self._reload_config(new)
+        if result.ok and self.pool is not None:
+            self.pool.watch()
+            self.pool.broadcast({"t": "reload", "config": new, "ports": self.ports(), "source": source})
+        return result
+
+    def _reload_config(self, new: Config) -> ReloadResult:
+        """Apply ``new`` (already validated): the main process's reload, or a worker's."""
         runtime = self.runtime
         keep: dict[HostPort, Listener] = {}
         for frontend in runtime.frontends.values():
@@ -366,7 +425,8 @@ class Supervisor:
             tls_to_servers = backend_tls(new)
             if new.admin is not None and self.admin is not None:
                 load_token(new.admin)
-            self.alerts.reconfigure(new.alerts)
+            if self.worker is None:
+                self.alerts.reconfigure(new.alerts)
             if new.admin is not None and self.admin is not None:
                 self.admin.reconfigure(new.admin)
         except StartupError as exc:
@@ -504,7 +564,7 @@ class Supervisor:
         runtime.prune()
         if new.global_.log_level != old.global_.log_level:
             logging.getLogger().setLevel(getattr(logging, new.global_.log_level.upper()))
-        for key in ("loop", "nofile"):
+        for key in ("loop", "nofile", "workers"):
             if getattr(new.global_, key) != getattr(old.global_, key):
                 log.warning("global.%s changes take effect at the next restart", key)
         if (new.admin is None) != (old.admin is None):
@@ -587,10 +647,16 @@ class Supervisor:
         tune_gc()
         self._build(loop)
         self._bind()
+        if self.worker is not None:
+            self._adopt(self.worker.hello)
         try:
-            if self.config.admin is not None:
+            if self.config.admin is not None and self.worker is None:
                 self.admin = AdminServer(self.config.admin, self, self._metrics().render)
                 await self.admin.start()
+            if self.worker is None and self.workers > 1:
+                self.pool = WorkerPool(self.workers, self.runtime, self._hello, self._from_worker)
+                self.runtime.peer_shutdown = self._peer_shutdown
+                await self.pool.start()
         except BaseException:
             for frontend in self.runtime.frontends.values():
                 frontend.close_listeners()
@@ -598,7 +664,13 @@ class Supervisor:
             if self.admin is not None:
                 await self.admin.close()
             raise
-        if install_signals:
+        if install_signals and self.worker is not None:
+            # A worker stops on SIGTERM (systemd's stop reaches the whole group) or when the
+            # main process says so; Ctrl-C and SIGHUP are the main process's to act on.
+            loop.add_signal_handler(signal.SIGTERM, self.request_stop)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        elif install_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.request_stop)
             # SIGHUP reloads (never kills: `systemctl reload` must not cut associations).
@@ -618,9 +690,18 @@ class Supervisor:
                 group.create_task(self.alerts.run(), name="alerts")
                 if self.admin is not None:
                     group.create_task(self.admin.sample_forever(), name="history")
+                if self.pool is not None:
+                    group.create_task(self.pool.run(), name="workers")
+                if self.worker is not None:
+                    group.create_task(self._follow_main(self.worker), name="main process")
+                    group.create_task(self._report(self.worker), name="report")
+                    self.worker.channel.send({"t": "ready"})
                 self.started.set()
                 await self._stop.wait()
-                await self._graceful_stop()
+                if self.pool is not None:
+                    await asyncio.gather(self._graceful_stop(), self.pool.stop(self.config.global_.hard_stop_after))
+                else:
+                    await self._graceful_stop()
                 raise _Stopped
         except* _Stopped:
             pass
@@ -629,10 +710,156 @@ class Supervisor:
             if install_signals:
                 for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                     loop.remove_signal_handler(sig)
+            if self.pool is not None and not self.pool.stopping:
+                await self.pool.stop(0.0)
             if self.admin is not None:
                 await self.admin.close()
         log.info("medlb stopped")
         return self.exit_code
+
+    # -- worker processes (``global.workers``; see io/workers.py) -----------------------------
+
+    def ports(self) -> dict[tuple[str, int], int]:
+        """The port of each bind of each frontend, by (frontend, bind index): what workers bind."""
+        out: dict[tuple[str, int], int] = {}
+        for f_cfg in self.config.frontends:
+            frontend = self.runtime.frontends.get(f_cfg.name)
+            if frontend is None:
+                continue
+            free = list(frontend.listeners)
+            for i, address in enumerate(f_cfg.bind):
+                for listener in free:
+                    if listener.bind == address:
+                        out[(f_cfg.name, i)] = listener.address[1]
+                        free.remove(listener)
+                        break
+        return out
+
+    def _hello(self) -> Msg:
+        """Everything a (re)starting worker needs to serve like the main process does now."""
+        return {
+            "t": "hello",
+            "config": self.config,
+            "workers": self.workers,
+            "ports": self.ports(),
+            "state": server_state(self.runtime),
+            "added": dict(self.runtime.added),
+            "removed": set(self._removed),
+            "log_sessions": self.log_sessions,
+            "log_level": logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower(),
+        }
+
+    def _adopt(self, hello: Msg) -> None:
+        """A worker takes the main process's runtime changes: API-added and removed servers, state."""
+        assert self._loop is not None
+        for (backend_name, _), spec in hello["added"].items():
+            with contextlib.suppress(AdminError):
+                self.add_server(backend_name, spec, "main process")
+        for backend_name, server_name in hello["removed"]:
+            with contextlib.suppress(AdminError):
+                self.remove_server(backend_name, server_name, force=False, source="main process", checked=True)
+        apply_state(self.runtime, hello["state"], self._loop.time())
+
+    def _server(self, key: str) -> Server | None:
+        backend_name, _, server_name = key.partition("/")
+        backend = self.runtime.backends.get(backend_name)
+        return backend.server(server_name) if backend is not None else None
+
+    def _from_worker(self, msg: Msg) -> None:
+        """Main process: a worker's observation of a server, or a stick-table entry it learned."""
+        if msg["t"] == "stick":
+            self._learn(msg)
+            assert self.pool is not None
+            self.pool.broadcast(msg)  # to every worker (the sender's own entry is unchanged by it)
+            return
+        server = self._server(msg["server"])
+        if server is not None:
+            if msg["ok"]:
+                self.runtime.report_connect_ok(server)
+            else:
+                self.runtime.report_connect_error(server)
+
+    def _share_stick(self, backend: str, key: bytes, server: str) -> None:
+        """A stick-table entry this process learned (``source``/``header`` persistence): tell the others."""
+        msg = {"t": "stick", "backend": backend, "key": key, "server": server}
+        if self.worker is not None:
+            self.worker.channel.send(msg)
+        elif self.pool is not None:
+            self.pool.broadcast(msg)
+
+    def _learn(self, msg: Msg) -> None:
+        assert self._loop is not None
+        rule = self.runtime.persistence.get(msg["backend"])
+        if rule is not None and rule.model.table is not None:
+            rule.model.table.learn(msg["key"], msg["server"], self._loop.time())
+
+    def _peer_shutdown(self, server: Server, cause: str) -> int:
+        assert self.pool is not None
+        self.pool.broadcast({"t": "kill", "server": server.key, "cause": cause})
+        return server.peer_sessions
+
+    def _observed(self, server: Server, ok: bool) -> None:
+        """Worker: pass connect failures, and the first success after them, to the main process."""
+        assert self.worker is not None
+        if ok:
+            if server.key not in self._failing:
+                return
+            self._failing.discard(server.key)
+        else:
+            self._failing.add(server.key)
+        self.worker.channel.send({"t": "observe", "server": server.key, "ok": ok})
+
+    async def _follow_main(self, role: WorkerRole) -> None:
+        """Worker: apply what the main process says; stop when it says so or is gone."""
+        while (msg := await role.channel.recv()) is not None:
+            try:
+                if self._on_main(role, msg):
+                    return
+            except Exception:
+                log.exception("worker %d: cannot apply %r from the main process", role.index, msg.get("t"))
+        log.error("worker %d: the main process is gone; stopping", role.index)
+        self.request_stop()
+
+    def _on_main(self, role: WorkerRole, msg: Msg) -> bool:
+        """Apply one message; True when the worker must stop."""
+        assert self._loop is not None
+        kind = msg.get("t")
+        if kind == "state":
+            apply_state(self.runtime, msg["state"], self._loop.time())
+        elif kind == "add":
+            with contextlib.suppress(AdminError):
+                self.add_server(msg["backend"], msg["spec"], msg["source"])
+        elif kind == "remove":
+            with contextlib.suppress(AdminError):
+                self.remove_server(
+                    msg["backend"], msg["server"], force=msg["force"], source="main process", checked=True
+                )
+        elif kind == "stick":
+            self._learn(msg)
+        elif kind == "kill":
+            server = self._server(msg["server"])
+            if server is not None:
+                self.runtime.shutdown_sessions(server, msg["cause"])
+        elif kind == "reload":
+            role.hello["ports"] = msg["ports"]
+            result = self._reload_config(msg["config"])
+            if not result.ok:
+                # The main process runs the new config; a worker that cannot is restarted with it.
+                log.error("worker %d: cannot apply the reload (%s); restarting", role.index, result.message)
+                self.exit_code = 1
+                self.request_stop()
+                return True
+        elif kind == "stop":
+            self.request_stop()
+            return True
+        return False
+
+    async def _report(self, role: WorkerRole) -> None:
+        """Worker: send the counters to the main process, twice a second."""
+        while True:
+            await asyncio.sleep(REPORT_INTERVAL)
+            self.runtime.prune()
+            role.channel.send(collect(self.runtime))
 
     def _metrics(self) -> MetricsExporter:
         return MetricsExporter(lambda: self.runtime, alert_stats_getter=self.alerts.stats)

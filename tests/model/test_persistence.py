@@ -51,3 +51,17 @@ def test_drain_keeps_honouring_maint_and_down_do_not() -> None:
     full = srv("v2", maxconn=1)
     full.cur_sessions = 1
     assert not honours(full)
+
+
+def test_put_says_when_other_processes_should_hear_of_an_entry() -> None:
+    table = StickTable(idle=100.0)
+    assert table.put(b"k", "s1", 0.0) is True  # new
+    assert table.put(b"k", "s1", 10.0) is False  # a use: nothing to tell
+    assert table.put(b"k", "s2", 11.0) is True  # moved
+    assert table.put(b"k", "s2", 35.0) is False
+    assert table.put(b"k", "s2", 36.0) is True  # a quarter of the idle time since it was shared
+    table.learn(b"k", "s3", 40.0)  # what another process shared wins, and counts as shared
+    assert table.get(b"k", 41.0) == "s3"
+    assert table.put(b"k", "s3", 60.0) is False
+    table.learn(b"x", "s1", 0.0)
+    assert table.get(b"x", 101.0) is None  # learned entries expire like the others

@@ -499,12 +499,12 @@ class AdminServer:
         deadline = loop.time() + timeout
         # Polling on purpose: an event would cost the data path a callback on every
         # session end to serve a request an operator makes a few times a month.
-        while server.cur_sessions > 0 and loop.time() < deadline:  # noqa: ASYNC110
+        while server.all_sessions > 0 and loop.time() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(min(0.1, max(deadline - loop.time(), 0.0)))
-        drained = server.cur_sessions == 0
-        doc = {"drained": drained, "cur_sessions": server.cur_sessions, "admin_state": server.admin_state.value}
+        drained = server.all_sessions == 0
+        doc = {"drained": drained, "cur_sessions": server.all_sessions, "admin_state": server.admin_state.value}
         if not drained:
-            doc["error"] = f"{server.key} still has {server.cur_sessions} session(s) after {timeout:g}s"
+            doc["error"] = f"{server.key} still has {server.all_sessions} session(s) after {timeout:g}s"
             return _json(doc, 408)
         return _json(doc)
 

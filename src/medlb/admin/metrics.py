@@ -257,7 +257,7 @@ class RuntimeCollector(Collector):
         _put(fam["medlb_backend_up"], labels, 1 if backend.usable() else 0)
         _put(fam["medlb_backend_active_servers"], labels, active)
         _put(fam["medlb_backend_backup_servers"], labels, backup)
-        _put(fam["medlb_backend_current_sessions"], labels, backend.cur_sessions)
+        _put(fam["medlb_backend_current_sessions"], labels, backend.all_sessions)
         _put(fam["medlb_backend_sessions_total"], labels, backend.total_sessions)
         _put(fam["medlb_backend_current_queue"], labels, len(backend.queue))
         _put(fam["medlb_backend_max_queue"], labels, backend.policy.maxqueue)
@@ -295,7 +295,7 @@ class RuntimeCollector(Collector):
             _put(fam["medlb_server_weight"], labels, server.weight)
             if clock is not None:
                 _put(fam["medlb_server_effective_weight"], labels, server.effective_weight(clock()))
-            _put(fam["medlb_server_current_sessions"], labels, server.cur_sessions)
+            _put(fam["medlb_server_current_sessions"], labels, server.all_sessions)
             _put(fam["medlb_server_max_sessions"], labels, server.maxconn)
             _put(fam["medlb_server_sessions_total"], labels, server.total_sessions)
             _put(fam["medlb_server_bytes_in_total"], labels, b_in)

@@ -35,7 +35,7 @@ def server_doc(
         "backup": server.backup,
         "weight": server.weight,
         "effective_weight": round(server.effective_weight(now), 3),
-        "cur_sessions": server.cur_sessions,
+        "cur_sessions": server.all_sessions,
         "maxconn": server.maxconn,
         "total_sessions": server.total_sessions,
         "bytes_in": live[0],
@@ -73,7 +73,7 @@ def backend_doc(runtime: Runtime, backend: Backend, live: dict[Server, tuple[int
         "balance": backend.balancer.name,
         "up": bool(usable),
         "usable_servers": len(usable),
-        "cur_sessions": backend.cur_sessions,
+        "cur_sessions": backend.all_sessions,
         "total_sessions": backend.total_sessions,
         "queue": len(backend.queue),
         "no_server": backend.no_server,
@@ -159,10 +159,10 @@ class History:
                 b_in += s_in
                 b_out += s_out
                 key = server.key
-                put(("servers", key, "cur_sessions"), server.cur_sessions)
+                put(("servers", key, "cur_sessions"), server.all_sessions)
                 put(("servers", key, "bytes_in_rate"), rate(("s", key, "i"), s_in))
                 put(("servers", key, "bytes_out_rate"), rate(("s", key, "o"), s_out))
-            put(("backends", backend.name, "cur_sessions"), backend.cur_sessions)
+            put(("backends", backend.name, "cur_sessions"), backend.all_sessions)
             put(("backends", backend.name, "bytes_in_rate"), rate(("b", backend.name, "i"), b_in))
             put(("backends", backend.name, "bytes_out_rate"), rate(("b", backend.name, "o"), b_out))
 

@@ -14,6 +14,7 @@ import asyncio
 import errno
 import logging
 import socket
+from collections.abc import Callable
 from typing import Protocol
 
 from medlb.config import HostPort, ResolvedTimeouts
@@ -52,8 +53,12 @@ class NullObserver:
         pass
 
 
-def open_listener(address: HostPort, backlog: int) -> socket.socket:
-    """Bind a listening socket; raise :class:`StartupError` with a clear message."""
+def open_listener(address: HostPort, backlog: int, *, reuseport: bool = False) -> socket.socket:
+    """Bind a listening socket; raise :class:`StartupError` with a clear message.
+
+    ``reuseport``: SO_REUSEPORT, so that the worker processes of ``global.workers``
+    each bind the same address and the kernel spreads new connections over them.
+    """
     try:
         infos = socket.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
@@ -65,6 +70,8 @@ def open_listener(address: HostPort, backlog: int) -> socket.socket:
         raise StartupError(f"cannot bind {address}: cannot create a socket ({exc.strerror})") from None
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuseport:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         # Accepted sockets inherit TCP_NODELAY from the listener on Linux, which
@@ -193,6 +200,8 @@ class Frontend:
         self.backends: dict[str, Backend] = {backend.name: backend}
         #: Persistence rules, by backend name (shared with the runtime, updated on reload).
         self.persistence: dict[str, HttpPersistence] = {}
+        #: ``global.workers``: tells the other processes of a stick-table entry (backend, key, server).
+        self.stick_peer: Callable[[str, bytes, str], None] | None = None
         self.name = name
         self.backend = backend
         self.maxconn = maxconn
@@ -206,6 +215,8 @@ class Frontend:
         self.listeners: list[Listener] = []
         self.sessions: set[TcpSession | HttpSession | DicomSession | Hl7Session] = set()
         self.total_sessions = 0
+        #: ``global.workers``: the sessions the other processes hold (the main process's view).
+        self.peer_sessions = 0
         self.stopping = False
         self.idle_event = asyncio.Event()
         self.idle_event.set()
@@ -226,7 +237,8 @@ class Frontend:
 
     @property
     def cur_sessions(self) -> int:
-        return len(self.sessions)
+        """Sessions of this process, plus those the worker processes last reported."""
+        return len(self.sessions) + self.peer_sessions
 
     @property
     def full(self) -> bool:

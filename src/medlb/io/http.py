@@ -464,8 +464,10 @@ class Stream:
                 self.set_cookie = rule.set_cookie(value, self.session.settings.tls is not None)
             return
         key = self.persist_key(rule)
-        if key:
-            rule.model.remember(key, server, self.session.loop.time())
+        if key and rule.model.remember(key, server, self.session.loop.time()):
+            share = self.session.frontend.stick_peer
+            if share is not None:
+                share(self.backend.name, key, server.name)
 
     def _use(self, server: Server) -> None:
         self.server = server

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from medlb.checks.scheduler import ServerChecker
@@ -54,17 +54,30 @@ class Runtime:
     backend_tls: dict[str, ClientTls] = field(default_factory=dict)
     #: Persistence rules by backend name; every frontend holds this same dict.
     persistence: dict[str, HttpPersistence] = field(default_factory=dict)
+    #: False in a worker process of ``global.workers``: the main process checks the servers.
+    run_checks: bool = True
+    #: In a worker process: where passive observations go instead (the main process's checker).
+    peer_observer: Callable[[Server, bool], None] | None = None
+    #: In the main process with workers: closes a server's sessions in the workers too and
+    #: returns how many they last reported.
+    peer_shutdown: Callable[[Server, str], int] | None = None
     _group: asyncio.TaskGroup | None = None
     _tasks: dict[Server, tuple[asyncio.Task[None], asyncio.Task[None]]] = field(default_factory=dict)
 
     # -- passive observation (the frontends' ConnectObserver) -----------------------------
 
     def report_connect_error(self, server: Server) -> None:
+        if self.peer_observer is not None:
+            self.peer_observer(server, False)
+            return
         checker = self.checkers.get(server)
         if checker is not None:
             checker.report_connect_error()
 
     def report_connect_ok(self, server: Server) -> None:
+        if self.peer_observer is not None:
+            self.peer_observer(server, True)
+            return
         if server.consecutive_errors:
             checker = self.checkers.get(server)
             if checker is not None:
@@ -99,6 +112,8 @@ class Runtime:
 
     def _spawn(self, server: Server, checker: ServerChecker) -> None:
         assert self._group is not None
+        if not self.run_checks:
+            return
         self._tasks[server] = (
             self._group.create_task(checker.run(), name=f"check {server.key}"),
             self._group.create_task(checker.run_agent(), name=f"agent {server.key}"),
@@ -156,7 +171,8 @@ class Runtime:
             session.abort(cause)
         if victims:
             log.warning("server %s: %d session(s) closed (%s)", server.key, len(victims), cause)
-        return len(victims)
+        peers = self.peer_shutdown(server, cause) if self.peer_shutdown is not None else 0
+        return len(victims) + peers
 
     def prune(self) -> None:
         """Forget retired frontends and servers whose last session has ended.

@@ -63,6 +63,7 @@ class Backend:
         "cur_sessions",
         "name",
         "no_server",
+        "peer_sessions",
         "policy",
         "queue",
         "queue_full",
@@ -91,6 +92,8 @@ class Backend:
         self._dispatching = False
         self._dispatch_again = False
         self.cur_sessions = 0
+        #: ``global.workers``: the worker processes' sessions, as last reported (see Server).
+        self.peer_sessions = 0
         self.total_sessions = 0
         self.no_server = 0
         self.queue_full = 0
@@ -98,6 +101,11 @@ class Backend:
         self.connect_errors = 0
         for server in servers:
             self.attach(server)
+
+    @property
+    def all_sessions(self) -> int:
+        """Sessions of this backend in every process."""
+        return self.cur_sessions + self.peer_sessions
 
     # -- membership ---------------------------------------------------------------------
 

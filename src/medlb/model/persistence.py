@@ -58,7 +58,8 @@ class StickTable:
     size: int = 100_000
 
     def __post_init__(self) -> None:
-        self._entries: OrderedDict[bytes, tuple[str, float]] = OrderedDict()
+        #: key -> (server name, last use, last time the entry was shared with other processes)
+        self._entries: OrderedDict[bytes, tuple[str, float, float]] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -67,15 +68,32 @@ class StickTable:
         entry = self._entries.get(key)
         if entry is None:
             return None
-        name, seen = entry
+        name, seen, _ = entry
         if now - seen > self.idle:
             del self._entries[key]
             return None
         return name
 
-    def put(self, key: bytes, server: str, now: float) -> None:
+    def put(self, key: bytes, server: str, now: float) -> bool:
+        """Remember a use of ``key`` on ``server``; True when other processes should hear of it.
+
+        That is when the entry is new or moved, or was last shared a quarter of the idle
+        time ago: with ``global.workers`` each process holds its own table, and sharing
+        uses keeps a client's entry alive in the processes its connections did not reach.
+        """
         entries = self._entries
-        entries[key] = (server, now)
+        entry = entries.get(key)
+        share = entry is None or entry[0] != server or now - entry[2] >= self.idle / 4
+        entries[key] = (server, now, now if share or entry is None else entry[2])
+        entries.move_to_end(key)
+        while len(entries) > self.size:
+            entries.popitem(last=False)
+        return share
+
+    def learn(self, key: bytes, server: str, now: float) -> None:
+        """Take an entry another process shared (the last one shared wins)."""
+        entries = self._entries
+        entries[key] = (server, now, now)
         entries.move_to_end(key)
         while len(entries) > self.size:
             entries.popitem(last=False)
@@ -113,6 +131,7 @@ class Persistence:
         assert self.table is not None
         return _named(servers, self.table.get(key, now))
 
-    def remember(self, key: bytes, server: Server, now: float) -> None:
+    def remember(self, key: bytes, server: Server, now: float) -> bool:
+        """Pin ``key`` to ``server``; True when other processes should hear of it (see put)."""
         assert self.table is not None
-        self.table.put(key, server.name, now)
+        return self.table.put(key, server.name, now)

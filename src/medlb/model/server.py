@@ -73,6 +73,7 @@ class Server:
         "listeners",
         "maxconn",
         "name",
+        "peer_sessions",
         "redispatches",
         "retries",
         "slowstart",
@@ -124,6 +125,9 @@ class Server:
         self.listeners: list[StateListener] = []
         # counters
         self.cur_sessions = 0
+        #: ``global.workers``: sessions the worker processes last reported (the main process's
+        #: view); ``cur_sessions`` stays this process's own, which maxconn and leastconn use.
+        self.peer_sessions = 0
         self.total_sessions = 0
         self.bytes_in = 0
         self.bytes_out = 0
@@ -147,6 +151,11 @@ class Server:
     def key(self) -> str:
         """``backend/server``: how operators name a server in logs and commands."""
         return f"{self.backend_name}/{self.name}"
+
+    @property
+    def all_sessions(self) -> int:
+        """Sessions on this server in every process: what status, metrics and drain waits report."""
+        return self.cur_sessions + self.peer_sessions
 
     @property
     def op_state(self) -> OpState:

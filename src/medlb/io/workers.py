@@ -1,0 +1,413 @@
+"""Worker processes for ``global.workers``: more cores for ``mode: http`` and ``mode: tcp``.
+
+One Python process runs one event loop on one core. ``global.workers: N`` starts
+N-1 extra processes that bind the ``http`` and ``tcp`` frontends' addresses with
+SO_REUSEPORT, so the kernel spreads new connections over N accept queues (the
+model of nginx workers and of HAProxy's old ``nbproc``). The main process stays
+the only one that
+
+- runs health checks and agents, and so owns every server's op state;
+- serves the admin API, the dashboard, ``/metrics`` and alerts;
+- reads the config file (SIGHUP, ``medlb ctl reload``);
+- serves ``mode: dicom`` and ``mode: hl7`` frontends: HL7 per-patient ordering and the
+  duplicate table only hold within one process, and DICOM associations are few and long.
+
+It tells the workers everything they must agree on over a private socketpair:
+server op/admin state and weights (at once on every change, and every second to
+heal), servers added or removed through the API, ``shutdown-sessions``, reloads
+(the validated :class:`~medlb.config.Config` itself, so no worker re-reads a file
+that may have changed since) and stop. Each worker reports its counters twice a
+second; the main process adds their increments to its own counters and shows the
+workers' current sessions as ``peer_sessions``, so the status API, ``/metrics``,
+the dashboard and ``drain --wait`` see the whole node.
+
+Messages are pickled dicts behind a 4-byte length. Pickle is safe here: both ends
+are the same program, and the socketpair is inherited by the child and reachable by
+nobody else.
+
+What is per process, by design (documented in docs/operations.md): a server's
+``maxconn`` and the queue, ``leastconn``'s view of connections, and HTTP connection
+pools. Source hashing and cookie persistence need no shared state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import pickle
+import signal
+import socket
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from medlb.errors import StartupError
+from medlb.io.runtime import Runtime
+from medlb.model.health import OpState
+from medlb.model.server import AdminState, Server
+
+log = logging.getLogger("medlb.workers")
+
+#: Frontend modes the worker processes serve too.
+WORKER_MODES = frozenset({"http", "tcp"})
+#: Seconds between two counter reports of a worker.
+REPORT_INTERVAL = 0.5
+#: Seconds between two full state messages (changes are sent at once; this heals a lost one).
+HEAL_INTERVAL = 1.0
+#: A worker that has not said "ready" this long after its start failed to start.
+START_TIMEOUT = 30.0
+#: Delay before restarting a worker that died, doubled per failure in a row, up to the maximum.
+RESTART_DELAY = 0.5
+RESTART_DELAY_MAX = 30.0
+#: The largest message accepted on the channel (a config with thousands of servers fits).
+MAX_MESSAGE = 64 * 1024 * 1024
+
+Msg = dict[str, Any]
+
+#: Counters a worker reports as running totals; the main process adds the increments.
+SERVER_COUNTERS = ("total_sessions", "bytes_in", "bytes_out", "connect_errors", "retries", "redispatches")
+BACKEND_COUNTERS = ("total_sessions", "connect_errors", "no_server", "queue_full", "queue_timeouts")
+FRONTEND_COUNTERS = ("total_sessions",)
+
+
+# --------------------------------------------------------------------------- the channel
+
+
+class Channel:
+    """Length-prefixed pickled messages over one end of a socketpair."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    @classmethod
+    async def open(cls, sock: socket.socket) -> Channel:
+        reader, writer = await asyncio.open_unix_connection(sock=sock)
+        return cls(reader, writer)
+
+    def send(self, msg: Msg) -> None:
+        if self.writer.is_closing():
+            return
+        data = pickle.dumps(msg, pickle.HIGHEST_PROTOCOL)
+        self.writer.write(len(data).to_bytes(4, "big") + data)
+
+    async def recv(self) -> Msg | None:
+        """The next message, or None once the other end is gone."""
+        try:
+            size = int.from_bytes(await self.reader.readexactly(4), "big")
+            if size > MAX_MESSAGE:
+                raise ValueError(f"message of {size} bytes on the worker channel")
+            msg: Msg = pickle.loads(await self.reader.readexactly(size))
+        except (asyncio.IncompleteReadError, ConnectionError):
+            return None
+        return msg
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+# --------------------------------------------------------------------------- state (main -> workers)
+
+#: One server's shared state: op state, admin state, who set it, weight, agent percentage.
+ServerState = tuple[str, str, str, int, int]
+
+
+def server_state(runtime: Runtime) -> dict[str, ServerState]:
+    """What the workers must agree on about every server, by ``backend/server``."""
+    return {
+        s.key: (s.op_state.name, s.admin_state.value, s.admin_source, s.weight, s.agent_pct)
+        for b in runtime.backends.values()
+        for s in b.servers
+    }
+
+
+def apply_state(runtime: Runtime, state: dict[str, ServerState], now: float) -> None:
+    """Make a worker's servers match the main process's (changes notify backends as usual)."""
+    for backend in runtime.backends.values():
+        for server in backend.servers:
+            wanted = state.get(server.key)
+            if wanted is None:
+                continue
+            op, admin, source, weight, pct = wanted
+            if server.op_state.name != op:
+                server.force_op_state(OpState[op], now, "main process")
+            if server.admin_state.value != admin:
+                server.set_admin_state(AdminState(admin), now, source)
+            server.set_weight(weight, "main process")
+            server.set_agent_pct(pct)
+
+
+# --------------------------------------------------------------------------- counters (workers -> main)
+
+
+def collect(runtime: Runtime) -> Msg:
+    """A worker's counters: running totals per object, and its current sessions last."""
+    servers: dict[str, tuple[int, ...]] = {}
+    live = runtime.live_bytes()
+    # Retired first: a server replaced at the same key by a reload reports the new one.
+    for server in [*runtime.retired_servers, *(s for b in runtime.backends.values() for s in b.servers)]:
+        b_in, b_out = live.get(server, (server.bytes_in, server.bytes_out))
+        servers[server.key] = (
+            server.total_sessions,
+            b_in,
+            b_out,
+            server.connect_errors,
+            server.retries,
+            server.redispatches,
+            server.cur_sessions,
+        )
+    backends = {b.name: (*(getattr(b, f) for f in BACKEND_COUNTERS), b.cur_sessions) for b in runtime.backends.values()}
+    frontends = {f.name: (f.total_sessions, len(f.sessions)) for f in runtime.frontends.values()}
+    return {"t": "report", "servers": servers, "backends": backends, "frontends": frontends}
+
+
+@dataclass
+class Tally:
+    """What one worker reported last: running totals (to take increments) and current sessions."""
+
+    totals: dict[tuple[str, str], tuple[int, ...]] = field(default_factory=dict)
+    sessions: dict[tuple[str, str], int] = field(default_factory=dict)
+
+    def clear(self) -> None:
+        """The worker is gone: its totals start again from zero, and it holds no session."""
+        self.totals.clear()
+        self.sessions.clear()
+
+    def increments(self, kind: str, key: str, totals: tuple[int, ...]) -> tuple[int, ...]:
+        old = self.totals.get((kind, key))
+        self.totals[(kind, key)] = totals
+        if old is None or any(n < o for n, o in zip(totals, old, strict=True)):
+            return totals  # first report, or the worker's object was replaced (a reload): a reset
+        return tuple(n - o for n, o in zip(totals, old, strict=True))
+
+    def take(self, runtime: Runtime, report: Msg) -> None:
+        """Add a report's increments to the main process's objects and note its sessions."""
+        servers = {s.key: s for b in runtime.backends.values() for s in b.servers}
+        self.sessions = {}
+        kinds: list[tuple[str, dict[str, Any], tuple[str, ...]]] = [
+            ("s", servers, SERVER_COUNTERS),
+            ("b", runtime.backends, BACKEND_COUNTERS),
+            ("f", runtime.frontends, FRONTEND_COUNTERS),
+        ]
+        section = {"s": "servers", "b": "backends", "f": "frontends"}
+        for kind, objects, names in kinds:
+            for key, values in report[section[kind]].items():
+                inc = self.increments(kind, key, tuple(values[:-1]))
+                self.sessions[(kind, key)] = values[-1]
+                target = objects.get(key)
+                if target is None:
+                    continue
+                for name, n in zip(names, inc, strict=True):
+                    if n:
+                        setattr(target, name, getattr(target, name) + n)
+
+
+def sum_peer_sessions(runtime: Runtime, tallies: list[Tally]) -> None:
+    """Set ``peer_sessions`` of every server, backend and frontend from the workers' last reports."""
+
+    def total(kind: str, key: str) -> int:
+        return sum(t.sessions.get((kind, key), 0) for t in tallies)
+
+    for backend in runtime.backends.values():
+        backend.peer_sessions = total("b", backend.name)
+        for server in backend.servers:
+            server.peer_sessions = total("s", server.key)
+    for frontend in runtime.frontends.values():
+        frontend.peer_sessions = total("f", frontend.name)
+
+
+# --------------------------------------------------------------------------- the main process's side
+
+
+@dataclass
+class WorkerRole:
+    """What makes a :class:`~medlb.supervisor.Supervisor` a worker: its number, channel and hello."""
+
+    index: int
+    channel: Channel
+    hello: Msg
+
+
+@dataclass
+class Worker:
+    """One worker slot: restarted in place when its process dies."""
+
+    index: int
+    proc: asyncio.subprocess.Process | None = None
+    channel: Channel | None = None
+    tally: Tally = field(default_factory=Tally)
+    restarts: int = 0
+    ready: bool = False
+
+
+class WorkerPool:
+    """Starts, feeds, watches and stops the worker processes of the main process.
+
+    ``hello`` builds the first message of a (re)started worker: the running config, the
+    listening ports, server state and the API's added and removed servers. ``on_message``
+    takes a worker's other messages: a passive observation (``observe``: a failed or
+    recovered connect to a server) or a stick-table entry it learned (``stick``).
+    """
+
+    def __init__(
+        self,
+        count: int,
+        runtime: Runtime,
+        hello: Callable[[], Msg],
+        on_message: Callable[[Msg], None],
+        argv: list[str] | None = None,
+    ) -> None:
+        self.runtime = runtime
+        self.hello = hello
+        self.on_message = on_message
+        self.workers = [Worker(i) for i in range(1, count)]
+        #: The command that starts a worker; its last two arguments are added per worker.
+        self.argv = argv or [sys.executable, "-m", "medlb", "worker"]
+        self.stopping = False
+        self._last_state: dict[str, ServerState] | None = None
+        self._state_pending = False
+        self._watched: set[str] = set()
+
+    # -- life cycle
+
+    async def start(self) -> None:
+        """Start every worker and wait until each is listening; any failure stops them all."""
+        try:
+            for worker in self.workers:
+                await self._spawn(worker)
+        except BaseException:
+            await self.stop(0.0)
+            raise
+        self.watch()
+        log.info("%d worker process(es) started", len(self.workers))
+
+    async def _spawn(self, worker: Worker) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            worker.proc = await asyncio.create_subprocess_exec(
+                *self.argv,
+                "--channel-fd",
+                str(theirs.fileno()),
+                "--index",
+                str(worker.index),
+                pass_fds=(theirs.fileno(),),
+                stdin=asyncio.subprocess.DEVNULL,
+            )
+        finally:
+            theirs.close()
+        worker.channel = await Channel.open(ours)
+        worker.channel.send(self.hello())
+        try:
+            async with asyncio.timeout(START_TIMEOUT):
+                answer = await worker.channel.recv()
+        except TimeoutError:
+            answer = {"t": "error", "message": f"not ready after {START_TIMEOUT:.0f}s"}
+        if answer is None or answer.get("t") != "ready":
+            why = "exited before it was ready" if answer is None else answer.get("message", "?")
+            await self._kill(worker)
+            raise StartupError(f"worker {worker.index} failed to start: {why}")
+        worker.ready = True
+        worker.tally.clear()
+        log.info("worker %d started (pid %d)", worker.index, worker.proc.pid)
+
+    async def run(self) -> None:
+        """Watch every worker until stop: read its messages, restart it when it dies."""
+        async with asyncio.TaskGroup() as group:
+            for worker in self.workers:
+                group.create_task(self._watch(worker), name=f"worker {worker.index}")
+            group.create_task(self._heal(), name="worker state")
+
+    async def _watch(self, worker: Worker) -> None:
+        delay = RESTART_DELAY
+        while True:
+            channel = worker.channel
+            if channel is not None:
+                while (msg := await channel.recv()) is not None:
+                    self._handle(worker, msg)
+            worker.ready = False
+            worker.channel = None
+            code = await worker.proc.wait() if worker.proc is not None else None
+            worker.tally.clear()
+            sum_peer_sessions(self.runtime, self.tallies())
+            if self.stopping:
+                return
+            worker.restarts += 1
+            log.error("worker %d exited (code %s); restarting it in %.1fs", worker.index, code, delay)
+            await asyncio.sleep(delay)
+            try:
+                await self._spawn(worker)
+                delay = RESTART_DELAY
+            except (StartupError, OSError) as exc:
+                log.error("%s", exc)
+                delay = min(delay * 2, RESTART_DELAY_MAX)
+
+    def _handle(self, worker: Worker, msg: Msg) -> None:
+        kind = msg.get("t")
+        if kind == "report":
+            worker.tally.take(self.runtime, msg)
+            sum_peer_sessions(self.runtime, self.tallies())
+        elif kind in ("observe", "stick"):
+            self.on_message(msg)
+        else:
+            log.warning("worker %d sent an unknown message %r", worker.index, kind)
+
+    def tallies(self) -> list[Tally]:
+        return [w.tally for w in self.workers]
+
+    async def stop(self, grace: float) -> None:
+        """Ask every worker to stop gracefully (``grace`` seconds for its sessions), then wait."""
+        self.stopping = True
+        self.broadcast({"t": "stop", "grace": grace})
+        procs = [w for w in self.workers if w.proc is not None and w.proc.returncode is None]
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(grace + 5.0):
+                for worker in procs:
+                    assert worker.proc is not None
+                    await worker.proc.wait()
+        for worker in procs:
+            await self._kill(worker)
+
+    async def _kill(self, worker: Worker) -> None:
+        proc = worker.proc
+        if proc is not None and proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGKILL)
+            await proc.wait()
+        if worker.channel is not None:
+            worker.channel.close()
+            worker.channel = None
+
+    # -- telling the workers
+
+    def broadcast(self, msg: Msg) -> None:
+        """Send ``msg`` to every running worker (a worker that starts later gets ``hello``)."""
+        for worker in self.workers:
+            if worker.ready and worker.channel is not None:
+                worker.channel.send(msg)
+
+    def watch(self) -> None:
+        """Follow every backend's server changes (idempotent; called again after each reload)."""
+        for backend in self.runtime.backends.values():
+            if backend.name not in self._watched or self._on_change not in backend.state_listeners:
+                backend.state_listeners.append(self._on_change)
+                self._watched.add(backend.name)
+
+    def _on_change(self, server: Server, what: str, cause: str) -> None:
+        # Coalesce the changes of one event-loop turn (a reload changes many servers at once).
+        if not self._state_pending:
+            self._state_pending = True
+            asyncio.get_running_loop().call_soon(self.send_state)
+
+    def send_state(self, force: bool = False) -> None:
+        self._state_pending = False
+        state = server_state(self.runtime)
+        if force or state != self._last_state:
+            self._last_state = state
+            self.broadcast({"t": "state", "state": state})
+
+    async def _heal(self) -> None:
+        while True:
+            await asyncio.sleep(HEAL_INTERVAL)
+            self.send_state(force=True)
