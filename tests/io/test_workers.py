@@ -52,7 +52,12 @@ def test_state_snapshot_is_applied_to_a_worker_and_notifies_its_backend() -> Non
     s2.set_weight(7, "operator")
     s2.set_agent_pct(50)
     state = server_state(main)
-    assert state == {"pool/s1": ("UP", "drain", "operator", 1, 100), "pool/s2": ("DOWN", "ready", "config", 7, 50)}
+    assert state == {
+        "pool/s1": ("UP", "drain", "operator", 1, 100, None),
+        "pool/s2": ("DOWN", "ready", "config", 7, 50, None),
+    }
+    # A DNS name the main process's checker resolved: workers run no checks, they take its answer.
+    state["pool/s2"] = (*state["pool/s2"][:5], (socket.AF_INET, ("192.0.2.7", 104)))
     backend = worker.backends["pool"]
     assert [s.name for s in backend.usable()] == ["s1", "s2"]
     apply_state(worker, state, 2.0)
@@ -65,6 +70,7 @@ def test_state_snapshot_is_applied_to_a_worker_and_notifies_its_backend() -> Non
         50,
     )
     assert backend.usable() == []  # the backend's cache was invalidated by the notifications
+    assert w2.sockaddr == (socket.AF_INET, ("192.0.2.7", 104)) and w1.sockaddr is None
     apply_state(worker, server_state(_runtime("s1", "s2")), 3.0)
     assert [s.name for s in backend.usable()] == ["s1", "s2"]
 
@@ -106,9 +112,9 @@ def test_channel_carries_messages_and_reports_the_end() -> None:
     async def main() -> None:
         left, right = socket.socketpair()
         a, b = await Channel.open(left), await Channel.open(right)
-        a.send({"t": "state", "state": {"pool/s1": ("UP", "ready", "config", 1, 100)}})
+        a.send({"t": "state", "state": {"pool/s1": ("UP", "ready", "config", 1, 100, None)}})
         a.send({"t": "stop", "grace": 1.5})
-        assert await b.recv() == {"t": "state", "state": {"pool/s1": ("UP", "ready", "config", 1, 100)}}
+        assert await b.recv() == {"t": "state", "state": {"pool/s1": ("UP", "ready", "config", 1, 100, None)}}
         assert await b.recv() == {"t": "stop", "grace": 1.5}
         a.close()
         assert await b.recv() is None
@@ -354,3 +360,20 @@ def test_header_persistence_holds_across_processes(tmp_path: Path) -> None:
     finally:
         for r in recorders:
             r.stop()
+
+
+def test_a_server_named_by_dns_is_reached_from_the_worker(tmp_path: Path) -> None:
+    """Workers run no checks, so no DNS lookups: they connect to the address the main process resolved."""
+    server = EchoServer("s1")
+    port = free_port()
+    config = tcp_config(port, [{"name": "s1", "address": f"localhost:{server.port}"}])
+    config["global"]["workers"] = 2
+    try:
+        with running_medlb(config, tmp_path, ready=READY) as lb:
+            lb.wait_for_log("pool/s1 op_state DOWN -> UP")
+            time.sleep(1.2)  # one full state message
+            assert _greet_many(port, 40) == ["s1"] * 40
+            wait_until(lambda: "worker 1 medlb.session" in lb.log and "server=s1" in lb.log, timeout=5)
+            assert "unresolved" not in lb.log
+    finally:
+        server.stop()
