@@ -61,6 +61,8 @@ START_TIMEOUT = 30.0
 #: Delay before restarting a worker that died, doubled per failure in a row, up to the maximum.
 RESTART_DELAY = 0.5
 RESTART_DELAY_MAX = 30.0
+#: A worker that lived this long before dying is restarted after RESTART_DELAY again.
+STABLE_AFTER = 10.0
 #: The largest message accepted on the channel (a config with thousands of servers fits).
 MAX_MESSAGE = 64 * 1024 * 1024
 
@@ -243,6 +245,10 @@ class Worker:
     tally: Tally = field(default_factory=Tally)
     restarts: int = 0
     ready: bool = False
+    started_at: float = 0.0
+    #: Messages broadcast after this worker's hello was built and before it was ready: they
+    #: are sent, in order, once it is (a reload or an API change during a restart is not lost).
+    backlog: list[Msg] | None = None
 
 
 class WorkerPool:
@@ -287,6 +293,7 @@ class WorkerPool:
         log.info("%d worker process(es) started", len(self.workers))
 
     async def _spawn(self, worker: Worker) -> None:
+        worker.started_at = asyncio.get_running_loop().time()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             worker.proc = await asyncio.create_subprocess_exec(
@@ -301,6 +308,7 @@ class WorkerPool:
         finally:
             theirs.close()
         worker.channel = await Channel.open(ours)
+        worker.backlog = []
         worker.channel.send(self.hello())
         try:
             async with asyncio.timeout(START_TIMEOUT):
@@ -309,8 +317,12 @@ class WorkerPool:
             answer = {"t": "error", "message": f"not ready after {START_TIMEOUT:.0f}s"}
         if answer is None or answer.get("t") != "ready":
             why = "exited before it was ready" if answer is None else answer.get("message", "?")
+            worker.backlog = None
             await self._kill(worker)
             raise StartupError(f"worker {worker.index} failed to start: {why}")
+        for msg in worker.backlog:
+            worker.channel.send(msg)
+        worker.backlog = None
         worker.ready = True
         worker.tally.clear()
         log.info("worker %d started (pid %d)", worker.index, worker.proc.pid)
@@ -323,6 +335,7 @@ class WorkerPool:
             group.create_task(self._heal(), name="worker state")
 
     async def _watch(self, worker: Worker) -> None:
+        loop = asyncio.get_running_loop()
         delay = RESTART_DELAY
         while True:
             channel = worker.channel
@@ -337,14 +350,15 @@ class WorkerPool:
             if self.stopping:
                 return
             worker.restarts += 1
+            if loop.time() - worker.started_at >= STABLE_AFTER:
+                delay = RESTART_DELAY
             log.error("worker %d exited (code %s); restarting it in %.1fs", worker.index, code, delay)
             await asyncio.sleep(delay)
+            delay = min(delay * 2, RESTART_DELAY_MAX)  # a crash loop slows down
             try:
                 await self._spawn(worker)
-                delay = RESTART_DELAY
             except (StartupError, OSError) as exc:
                 log.error("%s", exc)
-                delay = min(delay * 2, RESTART_DELAY_MAX)
 
     def _handle(self, worker: Worker, msg: Msg) -> None:
         kind = msg.get("t")
@@ -389,6 +403,8 @@ class WorkerPool:
         for worker in self.workers:
             if worker.ready and worker.channel is not None:
                 worker.channel.send(msg)
+            elif worker.backlog is not None:
+                worker.backlog.append(msg)
 
     def watch(self) -> None:
         """Follow every backend's server changes (idempotent; called again after each reload)."""
