@@ -106,8 +106,14 @@ def probe_http(port: int) -> bool:
 
 
 def proc_group_pids(pgid: int) -> list[int]:
-    """Every live process of a process group (HAProxy or nginx could fork; medlb may one day)."""
-    pids = []
+    """Every live process of a process group and every descendant of its leader (pid ``pgid``).
+
+    HAProxy and nginx could fork, and medlb with ``global.workers: N`` runs N-1 worker processes as
+    children of its main process: they are part of what the proxy costs. Descendants count even if one
+    ever left the group (``setsid``), so a proxy's CPU and RSS always cover all its processes.
+    """
+    group: list[int] = []
+    children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -115,10 +121,19 @@ def proc_group_pids(pgid: int) -> list[int]:
             stat = Path(f"/proc/{entry}/stat").read_text()
         except OSError:
             continue
-        fields = stat.rsplit(")", 1)[1].split()
+        fields = stat.rsplit(")", 1)[1].split()  # fields[0] is the state, [1] the ppid, [2] the pgrp
+        pid = int(entry)
+        children.setdefault(int(fields[1]), []).append(pid)
         if int(fields[2]) == pgid:
-            pids.append(int(entry))
-    return pids
+            group.append(pid)
+    pids = set(group)
+    todo = [pgid, *group]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in pids:
+                pids.add(child)
+                todo.append(child)
+    return sorted(pids)
 
 
 def rss_kb(pgid: int) -> int:
@@ -136,7 +151,11 @@ def rss_kb(pgid: int) -> int:
 
 
 def cpu_seconds(pgid: int) -> float:
-    """utime+stime of the process group, to show how many cores a proxy burnt for a result."""
+    """CPU time of a proxy's processes (``proc_group_pids``), to show how many cores it burnt for a result.
+
+    Per process utime+stime, plus cutime+cstime: the time of its children that exited and were waited for
+    (a medlb worker that died and was restarted during a run), which a live process's own times no longer show.
+    """
     ticks = os.sysconf("SC_CLK_TCK")
     total = 0
     for pid in proc_group_pids(pgid):
@@ -144,7 +163,7 @@ def cpu_seconds(pgid: int) -> float:
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        total += int(fields[11]) + int(fields[12])
+        total += int(fields[11]) + int(fields[12]) + int(fields[13]) + int(fields[14])
     return total / ticks
 
 

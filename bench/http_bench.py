@@ -1,6 +1,10 @@
 #!/usr/bin/env python3
 """HTTP benchmark: the direct path, HAProxy (``mode http``) and medlb (``mode: http``) in one run, on loopback.
 
+medlb is measured twice: as one process (``medlb``) and with ``global.workers: N`` (``medlb-w``: the main
+process and N-1 worker processes share the listening ports with SO_REUSEPORT; ``--medlb-workers``, by default
+the number of CPUs and at least 2). Its CPU column counts all N processes.
+
 The backend is one nginx serving a small file and a 10 MiB file, with
 keep-alive, over plain HTTP and over TLS. Measured per path with wrk (see
 ``bench/README.md``):
@@ -10,10 +14,10 @@ keep-alive, over plain HTTP and over TLS. Measured per path with wrk (see
 - the same small-response test over TLS, terminated by the proxy (by nginx on the direct path);
 - new TLS handshakes per second: ``Connection: close`` over https, every request a full handshake.
 
-medlb does not terminate TLS yet: its TLS cells say so, no number is made up.
-When it does, adding ``"medlb"`` to ``TLS_PATHS`` is all the bench needs.
+Every path terminates TLS for the TLS rows (direct: nginx itself); a path left out of
+``TLS_PATHS`` would get a cell saying so rather than a made-up number.
 
-Run: ``.venv/bin/python bench/http_bench.py [--smoke] [--out FILE.md] [--duration S]``.
+Run: ``.venv/bin/python bench/http_bench.py [--smoke] [--out FILE.md] [--duration S] [--medlb-workers N]``.
 Only the standard library is used, with the helpers shared with ``tcp_bench.py`` in ``common.py``.
 """
 
@@ -26,7 +30,8 @@ import os
 import ssl
 import subprocess
 import sys
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 _HERE = str(Path(__file__).resolve().parent)
@@ -36,15 +41,21 @@ import common  # noqa: E402
 from common import HOST, BenchError, Proc  # noqa: E402
 
 #: The path names, in table order.
-PATHS = ("direct", "haproxy", "medlb")
-PATH_TITLES = {"direct": "direct", "haproxy": "HAProxy", "medlb": "medlb"}
-#: Paths that terminate TLS (direct: nginx itself). medlb gets TLS offload in issue 4: add "medlb" here, and
-#: ``medlb_config`` already gives it a TLS frontend (``tls: {certificates: [{cert, key}]}``, the bench's files).
-TLS_PATHS = ("direct", "haproxy", "medlb")
+PATHS = ("direct", "haproxy", "medlb", "medlb-w")
+PATH_TITLES = {"direct": "direct", "haproxy": "HAProxy", "medlb": "medlb", "medlb-w": "medlb-w"}
+#: The medlb paths: one process, and ``global.workers: N`` (``--medlb-workers``).
+MEDLB_PATHS = ("medlb", "medlb-w")
+#: Paths that terminate TLS (direct: nginx itself; medlb: a frontend with ``tls: {certificates: [...]}``).
+TLS_PATHS = ("direct", "haproxy", "medlb", "medlb-w")
 #: What a TLS cell of a path not in TLS_PATHS says instead of a number.
-TLS_PENDING = "not implemented yet (TLS offload arrives later in issue 4)"
+TLS_PENDING = "not measured (the path is not in TLS_PATHS)"
 #: Ratio columns: (title, numerator path, denominator path).
-RATIOS = (("medlb/direct", "medlb", "direct"), ("medlb/HAProxy", "medlb", "haproxy"))
+RATIOS = (
+    ("medlb/direct", "medlb", "direct"),
+    ("medlb/HAProxy", "medlb", "haproxy"),
+    ("medlb-w/direct", "medlb-w", "direct"),
+    ("medlb-w/HAProxy", "medlb-w", "haproxy"),
+)
 TOOLS = ("haproxy", "wrk", "nginx", "openssl")
 #: Far above wrk's connections, and small enough that HAProxy's fd need (2 per connection) fits any hard
 #: RLIMIT_NOFILE seen in containers: HAProxy refuses to start when it cannot raise the limit it computed.
@@ -98,6 +109,11 @@ def applies(path: str, test: str) -> bool:
     return not TEST_BY_NAME[test].tls or path in TLS_PATHS
 
 
+def default_medlb_workers() -> int:
+    """``--medlb-workers`` by default: one process per CPU, and at least 2 (1 would be the ``medlb`` path)."""
+    return max(2, os.cpu_count() or 1)
+
+
 @dataclass
 class Settings:
     """The knobs of one run (all of them appear in the report's header)."""
@@ -117,6 +133,8 @@ class Settings:
     haproxy_splice: bool = True
     #: Certificate key: "rsa2048" or "ec256".
     tls_key: str = "rsa2048"
+    #: ``global.workers`` of the ``medlb-w`` path (the ``medlb`` path runs one process).
+    medlb_workers: int = field(default_factory=default_medlb_workers)
 
 
 class Fetch:
@@ -256,18 +274,19 @@ class Bench(common.BenchBase):
         ]
         return "\n".join(lines) + "\n"
 
-    def medlb_config(self, port: int, tls_port: int | None) -> str:
+    def medlb_config(self, port: int, tls_port: int | None, workers: int = 1) -> str:
         """medlb YAML in the documented format, defaults for ``http:``; the TCP check brings the server UP.
 
         ``tls_port`` adds a TLS frontend (only once "medlb" is in TLS_PATHS): ``tls:`` with the bench's
-        certificate and, like nginx and HAProxy here, no session tickets (full handshakes).
+        certificate and, like nginx and HAProxy here, no session tickets (full handshakes). ``workers`` > 1
+        sets ``global.workers`` (the ``medlb-w`` path).
         """
         frontends = [f'{{name: fe_plain, mode: http, bind: ["{HOST}:{port}"], {MEDLB_FRONTEND}}}']
         if tls_port is not None:
             tls = f'{{certificates: [{{cert: "{self.cert}", key: "{self.key}"}}], session_tickets: false}}'
             frontends.append(f'{{name: fe_tls, mode: http, bind: ["{HOST}:{tls_port}"], tls: {tls}, {MEDLB_FRONTEND}}}')
         out = [
-            "global: {nofile: 200000}",
+            "global: {nofile: 200000" + (f", workers: {workers}" if workers > 1 else "") + "}",
             "defaults:",
             "  timeouts: {connect: 3s, client: 1h, server: 1h, queue: 30s, check: 2s}",
             "  check: {inter: 2s}",
@@ -292,12 +311,13 @@ class Bench(common.BenchBase):
         port = common.free_port()
         tls_port = common.free_port() if path in TLS_PATHS else None
         cfg = self.tmp / f"{path}.cfg"
+        workers = self.s.medlb_workers if path == "medlb-w" else 1
         if path == "haproxy":
             assert tls_port is not None
             cfg.write_text(self.haproxy_config(port, tls_port))
             proc = self.children.start("haproxy", ["haproxy", "-f", str(cfg), "-db"])
         else:
-            cfg.write_text(self.medlb_config(port, tls_port))
+            cfg.write_text(self.medlb_config(port, tls_port, workers))
             proc = common.start_medlb(self.children, self.medlb, path, cfg)
         probes = [Fetch(port, "small", self.s.small_size, False), Fetch(port, "large", self.s.large_size, False)]
         if tls_port is not None:
@@ -308,11 +328,24 @@ class Bench(common.BenchBase):
                 proc,
                 [port] if tls_port is None else [port, tls_port],
                 [(f"{path}: GET /{p.doc}{' over TLS' if p.tls else ''}", p) for p in probes],
+                then=functools.partial(self.wait_processes, proc, workers) if path == "medlb-w" else None,
             )
         except BenchError as exc:
             last = "; ".join(f"/{p.doc}{' (TLS)' if p.tls else ''}: {p.last}" for p in probes if p.last)
             raise BenchError(f"{exc}\nlast probe answers: {last}" if last else str(exc)) from exc
         return proc, port, tls_port
+
+    @staticmethod
+    def wait_processes(proc: Proc, want: int, timeout: float = 20.0) -> None:
+        """Wait until medlb runs ``want`` processes (main and workers), so that no measurement starts short of
+        a worker; a medlb that ignores ``global.workers`` fails here instead of passing as one process."""
+        deadline = time.monotonic() + timeout
+        while (have := len(common.proc_group_pids(proc.pgid))) < want:
+            if proc.popen.poll() is not None:
+                raise BenchError(f"medlb exited with {proc.popen.returncode} while its workers started")
+            if time.monotonic() > deadline:
+                raise BenchError(f"medlb runs {have} process(es) after {timeout:.0f} s, want {want} (global.workers)")
+            time.sleep(0.1)
 
     # -- measurements
 
@@ -427,17 +460,17 @@ def cell(results: dict[tuple[str, str], float | None], path: str, key: str) -> s
     return fmt(results[(path, key)], key)
 
 
-def targets(results: dict[tuple[str, str], float | None]) -> list[tuple[str, str, bool | None]]:
-    """The issue's targets for medlb against HAProxy: (target, measured, met).
+def targets(results: dict[tuple[str, str], float | None], path: str = "medlb") -> list[tuple[str, str, bool | None]]:
+    """The issue's targets for ``path`` (one of MEDLB_PATHS) against HAProxy: (target, measured, met).
 
-    p99 is judged for both the small and the 10 MiB test; the TLS variants join once medlb does TLS.
+    p99 is judged for both the small and the 10 MiB test; the TLS variants join once the path does TLS.
     """
     t = common.Targets()
 
     def r(key: str) -> float | None:
-        return common.ratio(results[("medlb", key)], results[("haproxy", key)])
+        return common.ratio(results[(path, key)], results[("haproxy", key)])
 
-    for prefix, over in [("", "")] + ([("tls_", " over TLS")] if "medlb" in TLS_PATHS else []):
+    for prefix, over in [("", "")] + ([("tls_", " over TLS")] if path in TLS_PATHS else []):
         t.add_ratio(f"Small-response throughput{over} >= 0.8x HAProxy", r(f"{prefix}small_rps"), lambda v: v >= 0.8)
         if not prefix:
             t.add_ratio("10 MiB-response throughput >= 1.0x HAProxy", r("large_rps"), lambda v: v >= 1.0)
@@ -447,6 +480,13 @@ def targets(results: dict[tuple[str, str], float | None]) -> list[tuple[str, str
     return t.items
 
 
+def medlb_title(path: str, workers: int) -> str:
+    """How the Targets sections name a medlb path: its column title and how many processes it runs."""
+    if path == "medlb":
+        return f"{PATH_TITLES[path]} (1 process)"
+    return f"{PATH_TITLES[path]} (`global.workers: {workers}`, {workers} processes)"
+
+
 def render(bench: Bench, results: dict[tuple[str, str], float | None], meta: dict[str, str], paths: list[str]) -> str:
     """Header, the table (a column per path that ran, a ratio column when both its paths ran), targets, details."""
     s = bench.s
@@ -454,7 +494,8 @@ def render(bench: Bench, results: dict[tuple[str, str], float | None], meta: dic
     ratios = [(title, a, b) for title, a, b in RATIOS if a in ran and b in ran]
     key_type = "RSA 2048" if s.tls_key == "rsa2048" else "ECDSA P-256"
     lines = [
-        f"# HTTP benchmark: direct vs HAProxy vs medlb ({meta['date']})",
+        f"# HTTP benchmark: direct vs HAProxy vs medlb (1 process) vs medlb-w ({s.medlb_workers} processes) "
+        f"({meta['date']})",
         "",
         *common.machine_lines(meta),
         f"- HAProxy: {meta['haproxy']} — `mode http`, `option http-keep-alive`, `http-reuse always`, "
@@ -464,8 +505,12 @@ def render(bench: Bench, results: dict[tuple[str, str], float | None], meta: dic
         "(TLS 1.2+, `tune.ssl.cachesize 0`, `no-tls-tickets`)",
         "- medlb: one `mode: http` frontend per protocol with the default `http:` settings (it adds "
         "X-Forwarded-For/-Proto/-Host; HAProxy adds nothing), pooled keep-alive connections to nginx, one TCP "
-        "health check every 2 s, `medlb run --no-session-log --log-level warning`. "
-        f"TLS: {TLS_PENDING if 'medlb' not in TLS_PATHS else MEDLB_TLS}",
+        "health check every 2 s, `medlb run --no-session-log --log-level warning`, `global: {nofile: 200000}` "
+        f"(one process). TLS: {TLS_PENDING if 'medlb' not in TLS_PATHS else MEDLB_TLS}",
+        f"- medlb-w: the same medlb configuration with `global: {{nofile: 200000, workers: {s.medlb_workers}}}` "
+        f"(`--medlb-workers`): the main process and {s.medlb_workers - 1} worker process(es) accept on the same "
+        "ports with SO_REUSEPORT; health checks run in the main process only; its Proxy CPU counts all "
+        f"{s.medlb_workers} processes. TLS: {TLS_PENDING if 'medlb-w' not in TLS_PATHS else MEDLB_TLS}",
         f"- nginx: {meta['nginx']} (worker_processes {s.nginx_workers}), static files of {s.small_size} B and "
         f"{s.large_size} B with `sendfile on`, `keepalive_requests 1000000`, `access_log off`; the same nginx "
         "listens for TLS (the direct TLS path)",
@@ -475,7 +520,7 @@ def render(bench: Bench, results: dict[tuple[str, str], float | None], meta: dic
         f"`-c{s.conns}`, 10 MiB responses `-c{s.large_conns}`, new TLS handshakes `-c{s.conns} "
         '-H "Connection: close"` over https' + (" (smoke run)" if s.smoke else ""),
         f"- Cells are the median of {s.repeat} run(s) per metric, interleaved across paths (runs under Details); "
-        "latencies are wrk's 50% and 99% lines. Ratio columns are medlb divided by direct and by HAProxy: "
+        "latencies are wrk's 50% and 99% lines. Ratio columns are medlb and medlb-w divided by direct and by HAProxy: "
         "higher is better for requests/s and Gbit/s, lower is better for latency.",
     ]
     table = [
@@ -487,9 +532,11 @@ def render(bench: Bench, results: dict[tuple[str, str], float | None], meta: dic
         for key, (_, title) in METRICS.items()
     ]
     lines += common.table_lines([*(PATH_TITLES[p] for p in ran), *(title for title, _, _ in ratios)], table)
-    lines += common.target_lines("Targets (medlb against HAProxy, computed from the table)", targets(results))
-    if "medlb" not in TLS_PATHS:
-        lines.append(f"- TLS targets for medlb: {TLS_PENDING}.")
+    for path in [p for p in MEDLB_PATHS if p in ran] or ["medlb"]:
+        who = medlb_title(path, s.medlb_workers)
+        lines += common.target_lines(f"Targets: {who} against HAProxy, computed from the table", targets(results, path))
+        if path not in TLS_PATHS:
+            lines.append(f"- TLS targets for {who}: {TLS_PENDING}.")
     rows = [(p, t.name, bench.cpu.get((p, t.name)), bench.details.get((p, t.name), "")) for p in ran for t in TESTS]
     lines += common.details_lines([(PATH_TITLES[p], TEST_BY_NAME[t].title, cpu, detail) for p, t, cpu, detail in rows])
     lines += common.notes_lines(bench.notes)
@@ -522,7 +569,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="HAProxy option splice-auto (default on)",
     )
     p.add_argument("--tls-key", choices=("rsa2048", "ec256"), default="rsa2048", help="certificate key type")
-    return common.parse_common_args(p, argv)
+    p.add_argument(
+        "--medlb-workers",
+        type=int,
+        default=default_medlb_workers(),
+        help="global.workers of the medlb-w path, 2 to 64 (default: the number of CPUs, at least 2)",
+    )
+    args = common.parse_common_args(p, argv)
+    if not 2 <= args.medlb_workers <= 64:
+        p.error("--medlb-workers must be 2 to 64 (medlb's global.workers allows 1 to 64; 1 is the medlb path)")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -541,6 +597,7 @@ def main(argv: list[str] | None = None) -> int:
         haproxy_bufsize=args.haproxy_bufsize,
         haproxy_splice=args.haproxy_splice,
         tls_key=args.tls_key,
+        medlb_workers=args.medlb_workers,
     )
     meta = collect_meta()
     out = args.out or common.REPO / "bench" / "results" / f"{meta['stamp']}-http.md"

@@ -9,7 +9,12 @@ with errors fails it too: the bench refuses non-2xx responses as throughput.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
+import signal
+import sys
+import time
 from pathlib import Path
 from types import ModuleType
 
@@ -37,7 +42,9 @@ def test_smoke_produces_complete_numeric_table(tmp_path: Path) -> None:
     bench = load_script("http_bench")
     text = run_smoke("http_bench", TOOLS, tmp_path)
     header, table = parse_table(text.split("\n## ")[0])
-    assert header == ["Metric", *bench.PATH_TITLES.values(), "medlb/direct", "medlb/HAProxy"]
+    assert bench.PATHS == ("direct", "haproxy", "medlb", "medlb-w")
+    ratio_titles = ["medlb/direct", "medlb/HAProxy", "medlb-w/direct", "medlb-w/HAProxy"]
+    assert header == ["Metric", *bench.PATH_TITLES.values(), *ratio_titles]
     for test, title in bench.METRICS.values():
         assert title in table, f"row {title!r} missing:\n{text}"
         for column, cell in zip(header[1:], table[title][1:], strict=True):
@@ -48,7 +55,10 @@ def test_smoke_produces_complete_numeric_table(tmp_path: Path) -> None:
                 assert cell == want, (title, column, cell)
     dummy = dict.fromkeys(((p, k) for p in bench.PATHS for k in bench.METRICS), 1.0)
     verdicts = re.findall(r"^- .+ — \*\*(met|NOT met|not measured)\*\*$", text, re.M)
-    assert len(verdicts) == len(bench.targets(dummy)) >= 4 and "not measured" not in verdicts, text
+    want = sum(len(bench.targets(dummy, path)) for path in bench.MEDLB_PATHS)
+    assert len(verdicts) == want >= 8 and "not measured" not in verdicts, text
+    assert "## Targets: medlb (1 process) against HAProxy" in text
+    assert re.search(r"^## Targets: medlb-w \(`global.workers: \d+`, \d+ processes\) against HAProxy", text, re.M)
     assert re.search(r"^- Date \(UTC\): \d{4}-\d\d-\d\d", text, re.M)
     assert "- Machine: " in text
     # Every test that ran has its row under Details, with the proxy's CPU and wrk's error counts.
@@ -110,3 +120,69 @@ def test_medlb_is_measured_over_tls() -> None:
         assert "tls:" not in b.medlb_config(1, None)
     finally:
         b.close()
+
+
+def test_medlb_w_runs_medlb_with_workers_everywhere_medlb_runs() -> None:
+    """medlb-w is medlb with ``global.workers``: a default path, a TLS path, with its own ratios and targets."""
+    bench = load_script("http_bench")
+    assert "medlb-w" in bench.PATHS and "medlb-w" in bench.TLS_PATHS
+    assert bench.parse_args([]).paths.split(",") == list(bench.PATHS)
+    assert {("medlb-w/direct", "medlb-w", "direct"), ("medlb-w/HAProxy", "medlb-w", "haproxy")} <= set(bench.RATIOS)
+    assert bench.parse_args([]).medlb_workers == max(2, os.cpu_count() or 1)
+    assert bench.parse_args(["--medlb-workers", "3"]).medlb_workers == 3
+    for bad in ("1", "65"):
+        with pytest.raises(SystemExit):
+            bench.parse_args(["--medlb-workers", bad])
+    b = bench.Bench(bench.Settings(duration=1, smoke=True, medlb_workers=3))
+    try:
+        assert "global: {nofile: 200000}\n" in b.medlb_config(1, 2)
+        assert "global: {nofile: 200000, workers: 3}\n" in b.medlb_config(1, 2, 3)
+        meta = dict.fromkeys(bench.collect_meta(), "x")
+        results = {(p, k): {"medlb": 0.5, "medlb-w": 2.0}.get(p, 1.0) for p in bench.PATHS for k in bench.METRICS}
+        report = bench.render(b, results, meta, list(bench.PATHS))
+        header, table = parse_table(report.split("\n## ")[0])
+        assert header[-2:] == ["medlb-w/direct", "medlb-w/HAProxy"]
+        assert table["Small responses: requests/s"][1:] == [
+            *("1.0", "1.0", "0.5", "2.0"),
+            *("0.50x", "0.50x", "2.00x", "2.00x"),
+        ]
+        assert "- medlb-w: the same medlb configuration with `global: {nofile: 200000, workers: 3}`" in report
+        one, workers = report.split("## Targets: ")[1:3]
+        assert one.startswith("medlb (1 process) against HAProxy")
+        assert workers.startswith("medlb-w (`global.workers: 3`, 3 processes) against HAProxy")
+        assert "Small-response throughput over TLS >= 0.8x HAProxy: 0.50x — **NOT met**" in one
+        assert "Small-response throughput over TLS >= 0.8x HAProxy: 2.00x — **met**" in workers
+        # A run of medlb-w alone: its columns, ratios and targets only.
+        report = bench.render(b, results, meta, ["haproxy", "medlb-w"])
+        header, _ = parse_table(report.split("\n## ")[0])
+        assert header == ["Metric", "HAProxy", "medlb-w", "medlb-w/HAProxy"]
+        assert report.count("## Targets: ") == 1 and "## Targets: medlb-w (" in report
+    finally:
+        b.close()
+
+
+def test_proxy_cpu_counts_the_children_of_the_proxy(tmp_path: Path) -> None:
+    """Proxy CPU covers medlb's worker processes: children of the proxy, here one that left the group."""
+    common = load_script("http_bench").common
+    children = common.Children(tmp_path)
+    code = (
+        "import os, subprocess, sys, time\n"
+        "kid = subprocess.Popen([sys.executable, '-c', 'import os, time\\nos.setsid()\\n"
+        "t = time.monotonic()\\nwhile time.monotonic() - t < 30: pass'])\n"
+        "print(kid.pid, flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    kid = 0
+    proc = children.start("parent", [sys.executable, "-c", code], stdout_pipe=True)
+    try:
+        assert proc.popen.stdout is not None
+        kid = int(common.read_line(proc.popen.stdout, 20, proc.popen))
+        assert kid in common.proc_group_pids(proc.pgid)
+        _, cpu = common.with_cpu(proc, lambda: time.sleep(1.0))
+        # The busy child, though the parent sleeps (well below 1 core: the machine may be loaded).
+        assert cpu is not None and cpu > 0.2, cpu
+    finally:
+        children.close()
+        if kid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(kid, signal.SIGKILL)
