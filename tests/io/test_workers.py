@@ -15,6 +15,7 @@ import os
 import re
 import signal
 import socket
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -377,3 +378,85 @@ def test_a_server_named_by_dns_is_reached_from_the_worker(tmp_path: Path) -> Non
             assert "unresolved" not in lb.log
     finally:
         server.stop()
+
+
+# --------------------------------------------------------------------------- the pool, with scripted workers
+
+FAKE_WORKER = r"""
+import os, pickle, sys, time
+fd = int(sys.argv[sys.argv.index("--channel-fd") + 1])
+mode, record = sys.argv[1], sys.argv[2]
+f = os.fdopen(fd, "r+b", buffering=0)
+
+def recv():
+    size = f.read(4)
+    if len(size) < 4:
+        return None
+    n = int.from_bytes(size, "big")
+    data = b""
+    while len(data) < n:
+        data += f.read(n - len(data))
+    return pickle.loads(data)
+
+def send(msg):
+    data = pickle.dumps(msg)
+    f.write(len(data).to_bytes(4, "big") + data)
+
+hello = recv()
+if mode == "die":
+    sys.exit(3)
+if mode == "refuse":
+    send({"t": "error", "message": "cannot bind 127.0.0.1:1: permission denied"})
+    sys.exit(1)
+time.sleep(float(mode))  # a slow start: messages broadcast meanwhile must not be lost
+send({"t": "ready"})
+with open(record, "a") as out:
+    while (msg := recv()) is not None:
+        out.write(repr(msg.get("t")) + " " + repr(msg.get("n")) + "\n")
+        out.flush()
+"""
+
+
+def _pool(tmp_path: Path, mode: str) -> tuple[Any, Path]:
+    from medlb.io.workers import WorkerPool
+
+    script = tmp_path / "fake_worker.py"
+    script.write_text(FAKE_WORKER)
+    record = tmp_path / "record.txt"
+    record.write_text("")
+    runtime = _runtime("s1")
+    pool = WorkerPool(
+        2, runtime, lambda: {"t": "hello"}, lambda msg: None, argv=[sys.executable, str(script), mode, str(record)]
+    )
+    return pool, record
+
+
+def test_messages_sent_while_a_worker_starts_reach_it_in_order(tmp_path: Path) -> None:
+    pool, record = _pool(tmp_path, "0.5")
+
+    async def main() -> None:
+        starting = asyncio.create_task(pool.start())
+        await asyncio.sleep(0.2)  # the worker has its hello and is not ready yet
+        for n in range(3):
+            pool.broadcast({"t": "reload", "n": n})
+        await starting
+        pool.broadcast({"t": "state", "n": 3})
+        for _ in range(100):
+            if record.read_text().count("\n") == 4:
+                break
+            await asyncio.sleep(0.02)
+        await pool.stop(0.0)
+
+    asyncio.run(main())
+    lines = record.read_text().splitlines()
+    assert lines == ["'reload' 0", "'reload' 1", "'reload' 2", "'state' 3", "'stop' None"]
+
+
+@pytest.mark.parametrize(("mode", "why"), [("die", "exited before it was ready"), ("refuse", "permission denied")])
+def test_a_worker_that_cannot_start_fails_the_start_with_its_reason(tmp_path: Path, mode: str, why: str) -> None:
+    from medlb.errors import StartupError
+
+    pool, _ = _pool(tmp_path, mode)
+    with pytest.raises(StartupError, match=f"worker 1 failed to start: .*{why}"):
+        asyncio.run(pool.start())
+    assert all(w.proc is None or w.proc.returncode is not None for w in pool.workers)
