@@ -289,7 +289,7 @@ class Supervisor:
                         at = address
                         if self.worker is not None:  # the main process's port (it differs from 0)
                             at = HostPort(address.host, ports.get((f_cfg.name, i), address.port))
-                        sock = open_listener(at, f_cfg.backlog, reuseport=shared)
+                        sock = open_listener(at, f_cfg.backlog, reuseport=shared, join=self.worker is not None)
                         opened.append((f_cfg.name, address, sock))
         except StartupError:
             _close_all(opened)
@@ -656,6 +656,7 @@ class Supervisor:
             if self.worker is None and self.workers > 1:
                 self.pool = WorkerPool(self.workers, self.runtime, self._hello, self._from_worker)
                 self.runtime.peer_shutdown = self._peer_shutdown
+                self.runtime.peer_lag = 2 * REPORT_INTERVAL + 0.1
                 await self.pool.start()
         except BaseException:
             for frontend in self.runtime.frontends.values():
@@ -745,6 +746,7 @@ class Supervisor:
             "state": server_state(self.runtime),
             "added": dict(self.runtime.added),
             "removed": set(self._removed),
+            "sticks": self._sticks(),
             "log_sessions": self.log_sessions,
             "log_level": logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower(),
         }
@@ -759,6 +761,19 @@ class Supervisor:
             with contextlib.suppress(AdminError):
                 self.remove_server(backend_name, server_name, force=False, source="main process", checked=True)
         apply_state(self.runtime, hello["state"], self._loop.time())
+        for backend_name, entries in hello["sticks"].items():
+            for key, server_name in entries:
+                self._learn({"backend": backend_name, "key": key, "server": server_name})
+
+    def _sticks(self) -> dict[str, list[tuple[bytes, str]]]:
+        """Every stick-table entry of this process (the main one holds what all workers shared)."""
+        assert self._loop is not None
+        now = self._loop.time()
+        return {
+            name: rule.model.table.snapshot(now)
+            for name, rule in self.runtime.persistence.items()
+            if rule.model.table is not None
+        }
 
     def _server(self, key: str) -> Server | None:
         backend_name, _, server_name = key.partition("/")

@@ -52,13 +52,14 @@ def test_state_snapshot_is_applied_to_a_worker_and_notifies_its_backend() -> Non
     s2.force_op_state(OpState.DOWN, 1.0, "check")
     s2.set_weight(7, "operator")
     s2.set_agent_pct(50)
+    s2.maxconn = 30  # an agent's "maxconn:30"
     state = server_state(main)
     assert state == {
-        "pool/s1": ("UP", "drain", "operator", 1, 100, None),
-        "pool/s2": ("DOWN", "ready", "config", 7, 50, None),
+        "pool/s1": ("UP", "drain", "operator", 1, 100, 0, None),
+        "pool/s2": ("DOWN", "ready", "config", 7, 50, 30, None),
     }
     # A DNS name the main process's checker resolved: workers run no checks, they take its answer.
-    state["pool/s2"] = (*state["pool/s2"][:5], (socket.AF_INET, ("192.0.2.7", 104)))
+    state["pool/s2"] = (*state["pool/s2"][:6], (socket.AF_INET, ("192.0.2.7", 104)))
     backend = worker.backends["pool"]
     assert [s.name for s in backend.usable()] == ["s1", "s2"]
     apply_state(worker, state, 2.0)
@@ -72,6 +73,7 @@ def test_state_snapshot_is_applied_to_a_worker_and_notifies_its_backend() -> Non
     )
     assert backend.usable() == []  # the backend's cache was invalidated by the notifications
     assert w2.sockaddr == (socket.AF_INET, ("192.0.2.7", 104)) and w1.sockaddr is None
+    assert (w1.maxconn, w2.maxconn) == (0, 30)
     apply_state(worker, server_state(_runtime("s1", "s2")), 3.0)
     assert [s.name for s in backend.usable()] == ["s1", "s2"]
 
@@ -113,9 +115,9 @@ def test_channel_carries_messages_and_reports_the_end() -> None:
     async def main() -> None:
         left, right = socket.socketpair()
         a, b = await Channel.open(left), await Channel.open(right)
-        a.send({"t": "state", "state": {"pool/s1": ("UP", "ready", "config", 1, 100, None)}})
+        a.send({"t": "state", "state": {"pool/s1": ("UP", "ready", "config", 1, 100, 0, None)}})
         a.send({"t": "stop", "grace": 1.5})
-        assert await b.recv() == {"t": "state", "state": {"pool/s1": ("UP", "ready", "config", 1, 100, None)}}
+        assert await b.recv() == {"t": "state", "state": {"pool/s1": ("UP", "ready", "config", 1, 100, 0, None)}}
         assert await b.recv() == {"t": "stop", "grace": 1.5}
         a.close()
         assert await b.recv() is None
@@ -358,6 +360,12 @@ def test_header_persistence_holds_across_processes(tmp_path: Path) -> None:
             time.sleep(0.3)  # entries travel through the main process in milliseconds
             broken = sorted({key for key in keys for _ in range(12) if ask(key) != first[key]})
             assert broken == []
+            # A restarted worker learns every entry from the main process before it serves.
+            pid = int(re.findall(r"worker 1 started \(pid (\d+)\)", lb.log)[-1])
+            os.kill(pid, signal.SIGKILL)
+            wait_until(lambda: len(re.findall(r"worker 1 started \(pid", lb.log)) == 2, timeout=15)
+            broken = sorted({key for key in keys for _ in range(12) if ask(key) != first[key]})
+            assert broken == []
     finally:
         for r in recorders:
             r.stop()
@@ -460,3 +468,29 @@ def test_a_worker_that_cannot_start_fails_the_start_with_its_reason(tmp_path: Pa
     with pytest.raises(StartupError, match=f"worker 1 failed to start: .*{why}"):
         asyncio.run(pool.start())
     assert all(w.proc is None or w.proc.returncode is not None for w in pool.workers)
+
+
+def test_drained_is_only_answered_once_the_workers_have_reported_after_the_drain(tmp_path: Path) -> None:
+    with lab(tmp_path) as w:
+        code, _ = api(w.srv("s2"), "PATCH", {"admin_state": "drain"})
+        assert code == 200
+        started = time.monotonic()
+        code, doc = api(w.srv("s2", "/wait?until=drained&timeout=10s"))
+        assert code == 200 and doc["drained"] is True
+        assert time.monotonic() - started >= 0.9  # two report intervals after the change
+
+
+def test_a_second_medlb_on_the_same_port_is_refused_not_sharing_it(tmp_path: Path) -> None:
+    """SO_REUSEPORT would let a second instance take a share of the connections; medlb refuses it."""
+    from tests.helpers import Medlb
+
+    (tmp_path / "first").mkdir()
+    (tmp_path / "second").mkdir()
+    with lab(tmp_path / "first") as w:
+        second = Medlb(w.config, tmp_path / "second")
+        try:
+            assert second.proc.wait(20) != 0
+            assert f"cannot bind 127.0.0.1:{w.port}: address already in use" in second.log
+        finally:
+            second.stop()
+        assert _greet_many(w.port, 4)  # the first one is unharmed

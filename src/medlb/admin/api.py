@@ -497,9 +497,12 @@ class AdminServer:
             raise AdminError(400, f"timeout must be at most {MAX_WAIT:.0f}s")
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
+        # With worker processes, a session a worker opened just before the drain reached it
+        # shows in its next report: "drained" is only believed once one has surely arrived.
+        settled = server.last_change + self.control.runtime.peer_lag
         # Polling on purpose: an event would cost the data path a callback on every
         # session end to serve a request an operator makes a few times a month.
-        while server.all_sessions > 0 and loop.time() < deadline:  # noqa: ASYNC110
+        while (server.all_sessions > 0 or loop.time() < settled) and loop.time() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(min(0.1, max(deadline - loop.time(), 0.0)))
         drained = server.all_sessions == 0
         doc = {"drained": drained, "cur_sessions": server.all_sessions, "admin_state": server.admin_state.value}

@@ -15,7 +15,7 @@ import errno
 import logging
 import socket
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 from medlb.config import HostPort, ResolvedTimeouts
 from medlb.errors import StartupError
@@ -53,17 +53,22 @@ class NullObserver:
         pass
 
 
-def open_listener(address: HostPort, backlog: int, *, reuseport: bool = False) -> socket.socket:
+def open_listener(address: HostPort, backlog: int, *, reuseport: bool = False, join: bool = False) -> socket.socket:
     """Bind a listening socket; raise :class:`StartupError` with a clear message.
 
     ``reuseport``: SO_REUSEPORT, so that the worker processes of ``global.workers``
     each bind the same address and the kernel spreads new connections over them.
+    Unless ``join`` (a worker joining its main process's port), the address is first
+    bound without it: a second medlb started by hand must get "address already in
+    use", not a silent share of the port's connections.
     """
     try:
         infos = socket.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
         raise StartupError(f"cannot bind {address}: cannot resolve {address.host!r} ({exc.strerror})") from None
     family, _, _, _, sockaddr = infos[0]
+    if reuseport and not join and address.port != 0:
+        _probe(address, family, sockaddr)
     try:
         sock = socket.socket(family, socket.SOCK_STREAM)
     except OSError as exc:
@@ -88,6 +93,19 @@ def open_listener(address: HostPort, backlog: int, *, reuseport: bool = False) -
             raise StartupError(f"cannot bind {address}: permission denied (ports below 1024 need root)") from None
         raise StartupError(f"cannot bind {address}: {exc.strerror}") from None
     return sock
+
+
+def _probe(address: HostPort, family: int, sockaddr: Any) -> None:
+    """Fail like a plain bind would when anyone (SO_REUSEPORT or not) holds ``address``."""
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            probe.bind(sockaddr)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise StartupError(f"cannot bind {address}: address already in use") from None
 
 
 class Listener:

@@ -61,6 +61,9 @@ class Runtime:
     #: In the main process with workers: closes a server's sessions in the workers too and
     #: returns how many they last reported.
     peer_shutdown: Callable[[Server, str], int] | None = None
+    #: In the main process with workers: how old a state change must be before the workers'
+    #: reports surely reflect it (two report intervals); 0 without workers.
+    peer_lag: float = 0.0
     _group: asyncio.TaskGroup | None = None
     _tasks: dict[Server, tuple[asyncio.Task[None], asyncio.Task[None]]] = field(default_factory=dict)
 

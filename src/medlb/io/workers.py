@@ -112,15 +112,16 @@ class Channel:
 
 # --------------------------------------------------------------------------- state (main -> workers)
 
-#: One server's shared state: op state, admin state, who set it, weight, agent percentage, and
-#: its resolved address (the main process's checker resolves DNS names; workers run no checks).
-ServerState = tuple[str, str, str, int, int, Any]
+#: One server's shared state: op state, admin state, who set it, weight, agent percentage,
+#: maxconn (an agent may change it), and its resolved address (the main process's checker
+#: resolves DNS names; workers run no checks).
+ServerState = tuple[str, str, str, int, int, int, Any]
 
 
 def server_state(runtime: Runtime) -> dict[str, ServerState]:
     """What the workers must agree on about every server, by ``backend/server``."""
     return {
-        s.key: (s.op_state.name, s.admin_state.value, s.admin_source, s.weight, s.agent_pct, s.sockaddr)
+        s.key: (s.op_state.name, s.admin_state.value, s.admin_source, s.weight, s.agent_pct, s.maxconn, s.sockaddr)
         for b in runtime.backends.values()
         for s in b.servers
     }
@@ -133,9 +134,10 @@ def apply_state(runtime: Runtime, state: dict[str, ServerState], now: float) -> 
             wanted = state.get(server.key)
             if wanted is None:
                 continue
-            op, admin, source, weight, pct, sockaddr = wanted
+            op, admin, source, weight, pct, maxconn, sockaddr = wanted
             if sockaddr is not None:
                 server.sockaddr = sockaddr
+            server.maxconn = maxconn
             if server.op_state.name != op:
                 server.force_op_state(OpState[op], now, "main process")
             if server.admin_state.value != admin:

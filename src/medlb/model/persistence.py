@@ -90,6 +90,10 @@ class StickTable:
             entries.popitem(last=False)
         return share
 
+    def snapshot(self, now: float) -> list[tuple[bytes, str]]:
+        """The live entries, oldest use first: what a starting worker process learns."""
+        return [(key, name) for key, (name, seen, _) in self._entries.items() if now - seen <= self.idle]
+
     def learn(self, key: bytes, server: str, now: float) -> None:
         """Take an entry another process shared (the last one shared wins)."""
         entries = self._entries
