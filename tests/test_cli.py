@@ -27,6 +27,16 @@ def test_check_accepts_the_contract_example(tmp_path: Path) -> None:
     assert result.returncode == EXIT_OK, result.stderr
     assert result.stdout.startswith("configuration valid: 1 frontend(s) [raw (tcp 127.0.0.1:7000)]")
     assert "3 server(s)" in result.stdout
+    assert "processes" not in result.stdout
+    raw = yaml.safe_load(CONTRACT)
+    raw.setdefault("global", {})["workers"] = 4
+    path.write_text(yaml.safe_dump(raw))
+    result = medlb("check", "-c", str(path))
+    assert result.returncode == EXIT_OK and "4 processes for http/tcp frontends" in result.stdout
+    raw["global"]["workers"] = 0
+    path.write_text(yaml.safe_dump(raw))
+    result = medlb("check", "-c", str(path))
+    assert result.returncode == EXIT_CONFIG and "global.workers" in result.stderr
 
 
 def test_check_lists_every_error_with_its_location(tmp_path: Path) -> None:

@@ -43,6 +43,7 @@ def summarize(config: Config) -> str:
         f"configuration valid: {len(config.frontends)} frontend(s) [{fronts}], "
         f"{len(config.backends)} backend(s), {servers} server(s), "
         f"hard_stop_after {format_duration(config.global_.hard_stop_after)}; "
+        + (f"{config.global_.workers} processes for http/tcp frontends; " if config.global_.workers > 1 else "")
         + (f"admin API on {config.admin.bind}" if config.admin else "admin API off")
     )
 
