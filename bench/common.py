@@ -388,6 +388,44 @@ def start_medlb(children: Children, medlb: str, name: str, cfg: Path) -> Proc:
     return children.start(name, [medlb, "run", "-c", str(cfg), "--no-session-log", "--log-level", "warning"])
 
 
+#: ``global.workers`` of medlb allows 1 to 64; the benches' ``medlb-w`` paths run at least 2 (1 is ``medlb``).
+MEDLB_WORKERS_RANGE = (2, 64)
+
+
+def default_medlb_workers() -> int:
+    """``--medlb-workers`` by default: one process per CPU, and at least 2 (1 would be the ``medlb`` path)."""
+    return max(MEDLB_WORKERS_RANGE[0], os.cpu_count() or 1)
+
+
+def add_medlb_workers_arg(p: argparse.ArgumentParser) -> None:
+    """``--medlb-workers N``: ``global.workers`` of a bench's ``medlb-w`` path (checked by ``parse_common_args``)."""
+    low, high = MEDLB_WORKERS_RANGE
+    p.add_argument(
+        "--medlb-workers",
+        type=int,
+        default=default_medlb_workers(),
+        help=f"global.workers of the medlb-w path, {low} to {high} (default: the number of CPUs, at least {low})",
+    )
+
+
+def medlb_global(workers: int = 1, **settings: str) -> str:
+    """medlb's ``global:`` line as the benches write it: ``nofile``, then ``settings``, then ``workers`` if > 1."""
+    items = {"nofile": "200000", **settings, **({"workers": str(workers)} if workers > 1 else {})}
+    return "global: {" + ", ".join(f"{k}: {v}" for k, v in items.items()) + "}"
+
+
+def wait_processes(proc: Proc, want: int, timeout: float = 20.0) -> None:
+    """Wait until medlb runs ``want`` processes (main and workers, ``proc_group_pids``), so that no measurement
+    starts short of a worker; a medlb that ignores ``global.workers`` fails here instead of passing as one process."""
+    deadline = time.monotonic() + timeout
+    while (have := len(proc_group_pids(proc.pgid))) < want:
+        if proc.popen.poll() is not None:
+            raise BenchError(f"medlb exited with {proc.popen.returncode} while its workers started")
+        if time.monotonic() > deadline:
+            raise BenchError(f"medlb runs {have} process(es) after {timeout:.0f} s, want {want} (global.workers)")
+        time.sleep(0.1)
+
+
 def wait_ready(
     children: Children,
     proc: Proc,
@@ -659,10 +697,18 @@ def make_parser(doc: str | None, kind: str, paths: Sequence[str], smoke: str, du
 
 
 def parse_common_args(p: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
-    """Parse and fill in the defaults that depend on ``--smoke``: 10 s and 3 repetitions, or 1 s and 1."""
+    """Parse and fill in the defaults that depend on ``--smoke``: 10 s and 3 repetitions, or 1 s and 1.
+
+    ``--medlb-workers`` (``add_medlb_workers_arg``), where a script has it, must lie in MEDLB_WORKERS_RANGE.
+    """
     args = p.parse_args(argv)
     args.duration = args.duration if args.duration is not None else (1 if args.smoke else 10)
     args.repeat = max(1, args.repeat if args.repeat is not None else (1 if args.smoke else 3))
+    low, high = MEDLB_WORKERS_RANGE
+    if getattr(args, "medlb_workers", None) is not None and not low <= args.medlb_workers <= high:
+        p.error(
+            f"--medlb-workers must be {low} to {high} (medlb's global.workers allows 1 to {high}; 1 is the medlb path)"
+        )
     return args
 
 

@@ -30,7 +30,6 @@ import os
 import ssl
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -109,11 +108,6 @@ def applies(path: str, test: str) -> bool:
     return not TEST_BY_NAME[test].tls or path in TLS_PATHS
 
 
-def default_medlb_workers() -> int:
-    """``--medlb-workers`` by default: one process per CPU, and at least 2 (1 would be the ``medlb`` path)."""
-    return max(2, os.cpu_count() or 1)
-
-
 @dataclass
 class Settings:
     """The knobs of one run (all of them appear in the report's header)."""
@@ -134,7 +128,7 @@ class Settings:
     #: Certificate key: "rsa2048" or "ec256".
     tls_key: str = "rsa2048"
     #: ``global.workers`` of the ``medlb-w`` path (the ``medlb`` path runs one process).
-    medlb_workers: int = field(default_factory=default_medlb_workers)
+    medlb_workers: int = field(default_factory=common.default_medlb_workers)
 
 
 class Fetch:
@@ -286,7 +280,7 @@ class Bench(common.BenchBase):
             tls = f'{{certificates: [{{cert: "{self.cert}", key: "{self.key}"}}], session_tickets: false}}'
             frontends.append(f'{{name: fe_tls, mode: http, bind: ["{HOST}:{tls_port}"], tls: {tls}, {MEDLB_FRONTEND}}}')
         out = [
-            "global: {nofile: 200000" + (f", workers: {workers}" if workers > 1 else "") + "}",
+            common.medlb_global(workers),
             "defaults:",
             "  timeouts: {connect: 3s, client: 1h, server: 1h, queue: 30s, check: 2s}",
             "  check: {inter: 2s}",
@@ -328,24 +322,12 @@ class Bench(common.BenchBase):
                 proc,
                 [port] if tls_port is None else [port, tls_port],
                 [(f"{path}: GET /{p.doc}{' over TLS' if p.tls else ''}", p) for p in probes],
-                then=functools.partial(self.wait_processes, proc, workers) if path == "medlb-w" else None,
+                then=functools.partial(common.wait_processes, proc, workers) if path == "medlb-w" else None,
             )
         except BenchError as exc:
             last = "; ".join(f"/{p.doc}{' (TLS)' if p.tls else ''}: {p.last}" for p in probes if p.last)
             raise BenchError(f"{exc}\nlast probe answers: {last}" if last else str(exc)) from exc
         return proc, port, tls_port
-
-    @staticmethod
-    def wait_processes(proc: Proc, want: int, timeout: float = 20.0) -> None:
-        """Wait until medlb runs ``want`` processes (main and workers), so that no measurement starts short of
-        a worker; a medlb that ignores ``global.workers`` fails here instead of passing as one process."""
-        deadline = time.monotonic() + timeout
-        while (have := len(common.proc_group_pids(proc.pgid))) < want:
-            if proc.popen.poll() is not None:
-                raise BenchError(f"medlb exited with {proc.popen.returncode} while its workers started")
-            if time.monotonic() > deadline:
-                raise BenchError(f"medlb runs {have} process(es) after {timeout:.0f} s, want {want} (global.workers)")
-            time.sleep(0.1)
 
     # -- measurements
 
@@ -569,16 +551,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="HAProxy option splice-auto (default on)",
     )
     p.add_argument("--tls-key", choices=("rsa2048", "ec256"), default="rsa2048", help="certificate key type")
-    p.add_argument(
-        "--medlb-workers",
-        type=int,
-        default=default_medlb_workers(),
-        help="global.workers of the medlb-w path, 2 to 64 (default: the number of CPUs, at least 2)",
-    )
-    args = common.parse_common_args(p, argv)
-    if not 2 <= args.medlb_workers <= 64:
-        p.error("--medlb-workers must be 2 to 64 (medlb's global.workers allows 1 to 64; 1 is the medlb path)")
-    return args
+    common.add_medlb_workers_arg(p)
+    return common.parse_common_args(p, argv)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,7 +19,12 @@ thread of this script (``/metrics``, ``/api/v1/status``, ``/api/v1/history``
 once per second) while every measurement against it runs: the
 ``observed/medlb`` column shows what observability costs the data path.
 
-Run: ``.venv/bin/python bench/tcp_bench.py [--smoke] [--out FILE.md] [--duration S]``.
+``medlb-w`` is medlb (splice) with ``global.workers: N`` (the main process and
+N-1 worker processes share the listening ports with SO_REUSEPORT;
+``--medlb-workers``, by default the number of CPUs and at least 2). Its CPU
+and RSS readings count all N processes.
+
+Run: ``.venv/bin/python bench/tcp_bench.py [--smoke] [--out FILE.md] [--duration S] [--medlb-workers N]``.
 
 Only the standard library is used so the script runs under any Python that
 can also run medlb; the script re-executes itself (``_holder`` and
@@ -45,7 +50,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 _HERE = str(Path(__file__).resolve().parent)
@@ -60,6 +65,8 @@ from common import (  # noqa: E402
     Proc,
     Sample,
     Targets,
+    add_medlb_workers_arg,
+    default_medlb_workers,
     details_lines,
     fmt_ratio,
     fmt_value,
@@ -67,6 +74,7 @@ from common import (  # noqa: E402
     machine_lines,
     make_parser,
     medians,
+    medlb_global,
     notes_lines,
     on_sigterm_clean_up,
     parse_common_args,
@@ -85,25 +93,32 @@ from common import (  # noqa: E402
     table_lines,
     target_lines,
     wait_port,
+    wait_processes,
     wait_ready,
 )
 from common import collect_meta as collect_machine_meta  # noqa: E402
 
 #: The path names, in table order. ``medlb`` is the shipped default (splice on); ``medlb-observed`` is the
-#: same plus the admin API, scraped while it is measured (next to ``medlb`` so interleaving puts them side by side).
-PATHS = ("direct", "haproxy", "medlb", "medlb-observed", "medlb-copy")
+#: same plus the admin API, scraped while it is measured (next to ``medlb`` so interleaving puts them side by side);
+#: ``medlb-w`` is ``medlb`` with ``global.workers: N`` (``--medlb-workers``).
+PATHS = ("direct", "haproxy", "medlb", "medlb-observed", "medlb-copy", "medlb-w")
 PATH_TITLES = {
     "direct": "direct",
     "haproxy": "HAProxy",
     "medlb": "medlb (splice)",
     "medlb-observed": "medlb (observed)",
     "medlb-copy": "medlb (copy)",
+    "medlb-w": "medlb-w (splice)",
 }
+#: The medlb paths judged against the targets: one process, and ``global.workers: N``.
+MEDLB_PATHS = ("medlb", "medlb-w")
 #: Ratio columns: (title, numerator path, denominator path).
 RATIOS = (
     ("medlb/direct", "medlb", "direct"),
     ("medlb/HAProxy", "medlb", "haproxy"),
     ("observed/medlb", "medlb-observed", "medlb"),
+    ("medlb-w/direct", "medlb-w", "direct"),
+    ("medlb-w/HAProxy", "medlb-w", "haproxy"),
 )
 #: Metric keys, in table order, with their row titles.
 METRICS = {
@@ -406,6 +421,8 @@ class Settings:
     smoke: bool = False
     #: medlb (observed), idle test: scrape rounds to wait for with all idle sessions open (for the latencies).
     held_scrape_rounds: int = 10
+    #: ``global.workers`` of the ``medlb-w`` path (the other medlb paths run one process).
+    medlb_workers: int = field(default_factory=default_medlb_workers)
 
 
 class Bench(BenchBase):
@@ -490,13 +507,16 @@ class Bench(BenchBase):
             ]
         return "\n".join(lines) + "\n"
 
-    def medlb_config(self, routes: list[Route], ports: dict[str, int], splice: bool, admin_port: int = 0) -> str:
+    def medlb_config(
+        self, routes: list[Route], ports: dict[str, int], splice: bool, admin_port: int = 0, workers: int = 1
+    ) -> str:
         """medlb YAML in the documented format; the TCP check makes servers UP within one check.
 
-        ``admin_port`` adds the ``admin`` section (the admin API with the bench's token file).
+        ``admin_port`` adds the ``admin`` section (the admin API with the bench's token file); ``workers`` > 1
+        sets ``global.workers`` (the ``medlb-w`` path).
         """
         out = [
-            f"global: {{nofile: 200000, splice: {'true' if splice else 'false'}}}",
+            medlb_global(workers, splice="true" if splice else "false"),
             "defaults:",
             "  timeouts: {connect: 3s, client: 1h, server: 1h, queue: 30s, check: 2s}",
             "  check: {inter: 2s}",
@@ -541,19 +561,19 @@ class Bench(BenchBase):
             proc = self.children.start("haproxy", ["haproxy", "-f", str(cfg), "-db"])
         else:
             admin_port = free_port() if path == "medlb-observed" else 0
-            splice = path in ("medlb", "medlb-observed")
-            cfg.write_text(self.medlb_config(routes, ports, splice=splice, admin_port=admin_port))
+            splice = path in ("medlb", "medlb-observed", "medlb-w")
+            workers = self.s.medlb_workers if path == "medlb-w" else 1
+            cfg.write_text(self.medlb_config(routes, ports, splice=splice, admin_port=admin_port, workers=workers))
             proc = start_medlb(self.children, self.medlb, path, cfg)
             if admin_port:
                 proc.admin_url = f"http://{HOST}:{admin_port}"
+        then: Callable[[], None] | None = None
+        if proc.admin_url:
+            then = functools.partial(self.wait_admin, proc)
+        elif path == "medlb-w":
+            then = functools.partial(wait_processes, proc, self.s.medlb_workers)
         probes = [(f"{path} route {r.name}", functools.partial(r.probe, ports[r.name])) for r in routes]
-        wait_ready(
-            self.children,
-            proc,
-            list(ports.values()),
-            probes,
-            functools.partial(self.wait_admin, proc) if proc.admin_url else None,
-        )
+        wait_ready(self.children, proc, list(ports.values()), probes, then)
         return proc, ports
 
     def wait_admin(self, proc: Proc) -> None:
@@ -802,18 +822,28 @@ def fmt(value: float | None, key: str) -> str:
     return fmt_value(value, lambda v: f"{v:.0f}" if key == "connrate" else f"{v:.2f}")
 
 
-def targets(results: dict[tuple[str, str], float | None]) -> list[tuple[str, str, bool | None]]:
-    """The issue's targets for medlb (the default, splice) computed from the numbers: (target, measured, met)."""
+def targets(results: dict[tuple[str, str], float | None], path: str = "medlb") -> list[tuple[str, str, bool | None]]:
+    """The issue's targets for ``path`` (one of MEDLB_PATHS, splice) from the numbers: (target, measured, met)."""
     t = Targets()
     for key, streams in (("bulk1", "1 stream"), ("bulk8", "8 streams")):
-        r = ratio(results[("medlb", key)], results[("haproxy", key)])
+        r = ratio(results[(path, key)], results[("haproxy", key)])
         t.add_ratio(f"Bulk throughput ({streams}) >= 1.1x HAProxy", r, lambda v: v >= 1.1)
-        r = ratio(results[("medlb", key)], results[("direct", key)])
+        r = ratio(results[(path, key)], results[("direct", key)])
         t.add_ratio(f"Bulk throughput ({streams}) >= 0.65x direct", r, lambda v: v >= 0.65)
-    r = ratio(results[("medlb", "connrate")], results[("haproxy", "connrate")])
+    r = ratio(results[(path, "connrate")], results[("haproxy", "connrate")])
     t.add_ratio("Connection rate >= 0.5x HAProxy", r, lambda v: v >= 0.5)
-    t.add("RSS per idle session < 20 KB", results[("medlb", "idle_kb")], lambda v: v < 20, lambda v: f"{v:.2f} KB")
+    t.add("RSS per idle session < 20 KB", results[(path, "idle_kb")], lambda v: v < 20, lambda v: f"{v:.2f} KB")
     return t.items
+
+
+def targets_title(path: str, workers: int) -> str:
+    """The title of the Targets section of ``path`` (one of MEDLB_PATHS)."""
+    if path == "medlb":
+        return "Targets (medlb with splice, 1 process, computed from the table)"
+    return (
+        f"Targets (medlb-w: medlb with splice, `global.workers: {workers}`, {workers} processes, "
+        "computed from the table)"
+    )
 
 
 def scrape_note(bench: Bench) -> str:
@@ -841,7 +871,7 @@ def render(
     ran = [p for p in PATHS if paths is None or p in paths]
     ratios = [(title, a, b) for title, a, b in RATIOS if a in ran and b in ran]
     lines = [
-        f"# TCP benchmark: direct vs HAProxy vs medlb ({meta['date']})",
+        f"# TCP benchmark: direct vs HAProxy vs medlb vs medlb-w ({s.medlb_workers} processes) ({meta['date']})",
         "",
         *machine_lines(meta),
         f"- HAProxy: {meta['haproxy']} — nbthread left at default ({meta['haproxy_threads']} here), "
@@ -858,6 +888,11 @@ def render(
         f"(`/metrics`, `/api/v1/status`, `/api/v1/history`, one round every {SCRAPE_INTERVAL:g} s) while each of "
         "its tests runs. Ratio columns medlb/direct and medlb/HAProxy use medlb (splice); observed/medlb is "
         "medlb (observed) divided by medlb (splice).",
+        f"- medlb-w (splice) is medlb (splice) with `{medlb_global(s.medlb_workers, splice='true')}` "
+        f"(`--medlb-workers`): the main process and {s.medlb_workers - 1} worker process(es) accept on the same "
+        "ports with SO_REUSEPORT; health checks run in the main process only; its proxy CPU and RSS count all "
+        f"{s.medlb_workers} processes. Ratio columns medlb-w/direct and medlb-w/HAProxy divide it by direct "
+        "and by HAProxy.",
     ]
     if s.idle_n != s.idle_n_requested:
         lines.append(
@@ -875,7 +910,8 @@ def render(
     lines += table_lines([*(PATH_TITLES[p] for p in ran), *(title for title, _, _ in ratios)], rows)
     if "medlb-observed" in ran:
         lines += ["", scrape_note(bench)]
-    lines += target_lines("Targets (medlb with splice, computed from the table)", targets(results))
+    for path in [p for p in MEDLB_PATHS if p in ran] or ["medlb"]:
+        lines += target_lines(targets_title(path, s.medlb_workers), targets(results, path))
     rows = [(p, k, bench.cpu.get((p, k)), bench.details.get((p, k), "")) for p in ran for k in METRICS]
     lines += details_lines([(PATH_TITLES[p], METRICS[k], cpu, detail) for p, k, cpu, detail in rows])
     notes = list(bench.notes)
@@ -916,6 +952,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="HAProxy tune.bufsize,tune.pipesize for the iperf3 tests (pipesize 0 = kernel default)",
     )
     p.add_argument("--haproxy-rate", default="65536,0", help="the same for the wrk and idle-session tests")
+    add_medlb_workers_arg(p)
     return parse_common_args(p, argv)
 
 
@@ -948,6 +985,7 @@ def main(argv: list[str] | None = None) -> int:
         repeat=args.repeat,
         smoke=args.smoke,
         held_scrape_rounds=max(1, args.held_scrapes if args.held_scrapes is not None else (3 if args.smoke else 10)),
+        medlb_workers=args.medlb_workers,
     )
     meta = collect_meta()
     out = args.out or REPO / "bench" / "results" / f"{meta['stamp']}-tcp.md"
