@@ -313,6 +313,23 @@ def test_renaming_a_frontend_moves_its_socket(tmp_path: Path) -> None:
         held.close()
 
 
+def test_a_frontend_added_by_a_reload_gets_its_protocol_mode(tmp_path: Path) -> None:
+    """An hl7 (or dicom, http) frontend added by a reload must not come up as raw TCP."""
+    with one_server(tmp_path) as one:
+        lb, url, config = one.lb, one.url, one.config
+        added = yaml.safe_load(yaml.safe_dump(config))
+        for mode in ("hl7", "dicom", "http"):
+            added["frontends"].append(
+                {"name": f"new_{mode}", "mode": mode, "bind": [f"127.0.0.1:{free_port()}"], "default_backend": "pool"}
+            )
+        _rewrite(lb, added)
+        code, doc = api(f"{url}/api/v1/reload", "POST")
+        assert code == 200, doc
+        _, status = api(f"{url}/api/v1/status")
+        modes = {f["name"]: f["mode"] for f in status["frontends"]}
+        assert modes == {"fe": "tcp", "new_hl7": "hl7", "new_dicom": "dicom", "new_http": "http"}
+
+
 def test_an_operator_removal_does_not_outlive_its_backend(tmp_path: Path) -> None:
     s1, s2 = Backend("s1"), Backend("s2")
     port = free_port()

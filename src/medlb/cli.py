@@ -103,6 +103,16 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     if not isinstance(hello, dict) or hello.get("t") != "hello":
         print("medlb worker: started without a hello from the main process", file=sys.stderr)
         return EXIT_RUNTIME
+    from medlb.io.workers import CODE
+
+    if hello.get("code") != CODE:
+        # The files under the running main process changed (an upgrade without a restart):
+        # this worker would speak another version of the channel. Refuse; restart medlb.
+        message = "the medlb code on disk differs from the running main process's: restart medlb"
+        data = pickle.dumps({"t": "error", "message": message})
+        sock.sendall(len(data).to_bytes(4, "big") + data)
+        print(f"medlb worker: {message}", file=sys.stderr)
+        return EXIT_RUNTIME
     config = hello["config"]
     setup_logging(args.log_level or hello.get("log_level") or config.global_.log_level, f"worker {args.index}")
     # Workers mirror the main process's state changes: its log already tells them.

@@ -397,11 +397,35 @@ class Supervisor:
             new = load_config(self.config_path)
         except ConfigError as exc:
             return ReloadResult(False, f"{self.config_path} is invalid ({len(exc.issues)} error(s))", exc.issues)
+        crossing = self._crossing(new) if self.workers > 1 else None
+        if crossing is not None:
+            return ReloadResult(False, crossing)
         result = self._reload_config(new)
         if result.ok and self.pool is not None:
             self.pool.watch()
             self.pool.broadcast({"t": "reload", "config": new, "ports": self.ports(), "source": source})
         return result
+
+    def _crossing(self, new: Config) -> str | None:
+        """With workers, an address cannot move between an http/tcp frontend and a dicom/hl7 one.
+
+        Workers bind only http/tcp addresses, with SO_REUSEPORT: a kept socket on the other
+        side of that line would be served by the wrong processes, or could not be joined.
+        """
+        shared: dict[HostPort, str] = {}
+        for frontend in self.runtime.frontends.values():
+            for listener in frontend.listeners:
+                if listener.bind is not None and listener.bind.port != 0:
+                    shared[listener.bind] = frontend.mode
+        for f_cfg in new.frontends:
+            for bind in f_cfg.bind:
+                old = shared.get(bind)
+                if old is not None and (old in WORKER_MODES) != (f_cfg.mode in WORKER_MODES):
+                    return (
+                        f"{bind} moves from a mode {old} frontend to mode {f_cfg.mode} ({f_cfg.name}): with "
+                        "global.workers > 1 that needs a restart (workers serve only http and tcp frontends)"
+                    )
+        return None
 
     def _reload_config(self, new: Config) -> ReloadResult:
         """Apply ``new`` (already validated): the main process's reload, or a worker's."""
@@ -529,7 +553,7 @@ class Supervisor:
             frontend = runtime.frontends.get(f_cfg.name)
             backend = runtime.backends[f_cfg.default_backend]
             if frontend is None:
-                frontend = self._make_frontend(loop, new, f_cfg, http[f_cfg.name], dicom[f_cfg.name])
+                frontend = self._make_frontend(loop, new, f_cfg, http[f_cfg.name], dicom[f_cfg.name], hl7[f_cfg.name])
                 runtime.frontends[f_cfg.name] = frontend
             else:
                 frontend.reconfigure(
@@ -649,22 +673,6 @@ class Supervisor:
         self._bind()
         if self.worker is not None:
             self._adopt(self.worker.hello)
-        try:
-            if self.config.admin is not None and self.worker is None:
-                self.admin = AdminServer(self.config.admin, self, self._metrics().render)
-                await self.admin.start()
-            if self.worker is None and self.workers > 1:
-                self.pool = WorkerPool(self.workers, self.runtime, self._hello, self._from_worker)
-                self.runtime.peer_shutdown = self._peer_shutdown
-                self.runtime.peer_lag = 2 * REPORT_INTERVAL + 0.1
-                await self.pool.start()
-        except BaseException:
-            for frontend in self.runtime.frontends.values():
-                frontend.close_listeners()
-                frontend.abort_sessions("startup_failed")
-            if self.admin is not None:
-                await self.admin.close()
-            raise
         if install_signals and self.worker is not None:
             # A worker stops on SIGTERM (systemd's stop reaches the whole group) or when the
             # main process says so; Ctrl-C and SIGHUP are the main process's to act on.
@@ -672,18 +680,26 @@ class Supervisor:
             signal.signal(signal.SIGINT, signal.SIG_IGN)
             signal.signal(signal.SIGHUP, signal.SIG_IGN)
         elif install_signals:
+            # Installed before anything slow: a SIGHUP while workers start must not kill medlb.
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.request_stop)
             # SIGHUP reloads (never kills: `systemctl reload` must not cut associations).
             loop.add_signal_handler(signal.SIGHUP, self.request_reload)
-        log.info(
-            "medlb started: %d frontend(s), %d backend(s), %d server(s); nofile=%d; loop=%s",
-            len(self.runtime.frontends),
-            len(self.runtime.backends),
-            len(self.runtime.checkers),
-            nofile,
-            type(loop).__module__.split(".")[0],
-        )
+        try:
+            if self.config.admin is not None and self.worker is None:
+                self.admin = AdminServer(self.config.admin, self, self._metrics().render)
+                await self.admin.start()
+        except BaseException:
+            for frontend in self.runtime.frontends.values():
+                frontend.close_listeners()
+                frontend.abort_sessions("startup_failed")
+            if self.admin is not None:
+                await self.admin.close()
+            if install_signals:
+                for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                    loop.remove_signal_handler(sig)
+            raise
+        failed: StartupError | None = None
         try:
             async with asyncio.TaskGroup() as group:
                 self._group = group
@@ -691,8 +707,27 @@ class Supervisor:
                 group.create_task(self.alerts.run(), name="alerts")
                 if self.admin is not None:
                     group.create_task(self.admin.sample_forever(), name="history")
-                if self.pool is not None:
+                if self.worker is None and self.workers > 1:
+                    # Checks already run (attach_group), so servers come UP while workers start.
+                    self.pool = WorkerPool(self.workers, self.runtime, self._hello, self._from_worker)
+                    self.runtime.peer_shutdown = self._peer_shutdown
+                    self.runtime.peer_lag = 2 * REPORT_INTERVAL + 0.1
+                    try:
+                        await self.pool.start()
+                    except StartupError as exc:
+                        failed = exc
+                        for frontend in self.runtime.frontends.values():
+                            frontend.close_listeners()
+                        raise _Stopped from None
                     group.create_task(self.pool.run(), name="workers")
+                log.info(
+                    "medlb started: %d frontend(s), %d backend(s), %d server(s); nofile=%d; loop=%s",
+                    len(self.runtime.frontends),
+                    len(self.runtime.backends),
+                    len(self.runtime.checkers),
+                    nofile,
+                    type(loop).__module__.split(".")[0],
+                )
                 if self.worker is not None:
                     group.create_task(self._follow_main(self.worker), name="main process")
                     group.create_task(self._report(self.worker), name="report")
@@ -715,6 +750,8 @@ class Supervisor:
                 await self.pool.stop(0.0)
             if self.admin is not None:
                 await self.admin.close()
+        if failed is not None:
+            raise failed
         log.info("medlb stopped")
         return self.exit_code
 
@@ -762,10 +799,10 @@ class Supervisor:
                 self.remove_server(backend_name, server_name, force=False, source="main process", checked=True)
         apply_state(self.runtime, hello["state"], self._loop.time())
         for backend_name, entries in hello["sticks"].items():
-            for key, server_name in entries:
-                self._learn({"backend": backend_name, "key": key, "server": server_name})
+            for key, server_name, age in entries:
+                self._learn({"backend": backend_name, "key": key, "server": server_name, "age": age})
 
-    def _sticks(self) -> dict[str, list[tuple[bytes, str]]]:
+    def _sticks(self) -> dict[str, list[tuple[bytes, str, float]]]:
         """Every stick-table entry of this process (the main one holds what all workers shared)."""
         assert self._loop is not None
         now = self._loop.time()
@@ -806,7 +843,7 @@ class Supervisor:
         assert self._loop is not None
         rule = self.runtime.persistence.get(msg["backend"])
         if rule is not None and rule.model.table is not None:
-            rule.model.table.learn(msg["key"], msg["server"], self._loop.time())
+            rule.model.table.learn(msg["key"], msg["server"], self._loop.time() - msg.get("age", 0.0))
 
     def _peer_shutdown(self, server: Server, cause: str) -> int:
         assert self.pool is not None
@@ -859,8 +896,10 @@ class Supervisor:
             role.hello["ports"] = msg["ports"]
             result = self._reload_config(msg["config"])
             if not result.ok:
-                # The main process runs the new config; a worker that cannot is restarted with it.
-                log.error("worker %d: cannot apply the reload (%s); restarting", role.index, result.message)
+                # The main process runs the new config; a worker that cannot is replaced at once by
+                # one started with it, and finishes its own sessions meanwhile.
+                log.error("worker %d: cannot apply the reload (%s); stopping", role.index, result.message)
+                role.channel.send({"t": "failed", "message": f"cannot apply the reload: {result.message}"})
                 self.exit_code = 1
                 self.request_stop()
                 return True

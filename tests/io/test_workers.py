@@ -416,6 +416,21 @@ if mode == "die":
 if mode == "refuse":
     send({"t": "error", "message": "cannot bind 127.0.0.1:1: permission denied"})
     sys.exit(1)
+if mode == "fail-once":
+    send({"t": "ready"})
+    marker = record + ".failed"
+    if not os.path.exists(marker):  # the first instance cannot apply a reload; its replacement can
+        open(marker, "w").close()
+        send({"t": "failed", "message": "cannot apply the reload: test"})
+        time.sleep(1.5)  # still draining its sessions while the replacement starts
+        sys.exit(1)
+    while recv() is not None:
+        send({"t": "report", "servers": {}, "backends": {}, "frontends": {}})
+    sys.exit(0)
+if mode == "hang":
+    send({"t": "ready"})
+    time.sleep(60)  # a stuck event loop: no report ever
+    sys.exit(0)
 time.sleep(float(mode))  # a slow start: messages broadcast meanwhile must not be lost
 send({"t": "ready"})
 with open(record, "a") as out:
@@ -494,3 +509,70 @@ def test_a_second_medlb_on_the_same_port_is_refused_not_sharing_it(tmp_path: Pat
         finally:
             second.stop()
         assert _greet_many(w.port, 4)  # the first one is unharmed
+
+
+def test_a_worker_that_cannot_apply_a_reload_is_replaced_while_it_drains(tmp_path: Path) -> None:
+    pool, _ = _pool(tmp_path, "fail-once")
+
+    async def main() -> tuple[int, int, bool]:
+        await pool.start()
+        first = pool.workers[0].proc
+        assert first is not None
+        watch = asyncio.create_task(pool.run())
+        for _ in range(100):
+            if pool.workers[0].ready and pool.workers[0].proc is not first:
+                break
+            await asyncio.sleep(0.05)
+        replaced_while_draining = first.returncode is None and first in pool.retiring
+        second = pool.workers[0].proc
+        assert second is not None
+        await pool.stop(0.0)
+        watch.cancel()
+        return first.pid, second.pid, replaced_while_draining
+
+    first, second, draining = asyncio.run(main())
+    assert first != second
+    assert draining  # the replacement started before the failed worker had finished
+
+
+def test_a_hung_worker_is_killed_and_restarted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from medlb.io import workers
+
+    monkeypatch.setattr(workers, "HUNG_AFTER", 0.5)
+    pool, _ = _pool(tmp_path, "hang")
+
+    async def main() -> int:
+        await pool.start()
+        watch = asyncio.create_task(pool.run())
+        for _ in range(100):
+            if pool.workers[0].restarts:
+                break
+            await asyncio.sleep(0.05)
+        await pool.stop(0.0)
+        watch.cancel()
+        return pool.workers[0].restarts
+
+    assert asyncio.run(main()) >= 1
+
+
+def test_a_worker_refuses_a_main_process_running_other_code(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An upgrade of the files under a running medlb: a new worker would speak another channel version."""
+    from medlb.errors import StartupError
+    from medlb.io import workers
+    from medlb.io.workers import WorkerPool
+
+    monkeypatch.setattr(workers, "CODE", "0000000000000000")
+    pool = WorkerPool(2, _runtime("s1"), lambda: {"t": "hello"}, lambda msg: None)
+    with pytest.raises(StartupError, match="code on disk differs from the running main process"):
+        asyncio.run(pool.start())
+
+
+def test_a_reload_moving_an_address_between_tcp_and_hl7_is_refused(tmp_path: Path) -> None:
+    with lab(tmp_path, names=("s1",)) as w:
+        config = yaml.safe_load(yaml.safe_dump(w.config))
+        config["frontends"][0]["mode"] = "hl7"
+        w.lb.config_path.write_text(yaml.safe_dump(config))
+        w.lb.signal(signal.SIGHUP)
+        w.lb.wait_for_log("reload by SIGHUP refused")
+        assert f"127.0.0.1:{w.port} moves from a mode tcp frontend to mode hl7" in w.lb.log
+        assert _greet_many(w.port, 4) == ["s1"] * 4  # still the tcp frontend, in every process

@@ -504,7 +504,7 @@ class AdminServer:
         # session end to serve a request an operator makes a few times a month.
         while (server.all_sessions > 0 or loop.time() < settled) and loop.time() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(min(0.1, max(deadline - loop.time(), 0.0)))
-        drained = server.all_sessions == 0
+        drained = server.all_sessions == 0 and loop.time() >= settled
         doc = {"drained": drained, "cur_sessions": server.all_sessions, "admin_state": server.admin_state.value}
         if not drained:
             doc["error"] = f"{server.key} still has {server.all_sessions} session(s) after {timeout:g}s"

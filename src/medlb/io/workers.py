@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import pickle
 import signal
@@ -41,6 +42,7 @@ import socket
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from medlb.errors import StartupError
@@ -63,6 +65,30 @@ RESTART_DELAY = 0.5
 RESTART_DELAY_MAX = 30.0
 #: A worker that lived this long before dying is restarted after RESTART_DELAY again.
 STABLE_AFTER = 10.0
+#: A ready worker that has sent no report for this long is hung (a stuck event loop keeps its
+#: accept queue and strands its share of new connections): it is killed and restarted.
+HUNG_AFTER = 10 * REPORT_INTERVAL
+#: The most bytes queued towards one worker; beyond it messages are dropped (a worker that
+#: reads nothing is hung, and the full state every second heals what a live one missed).
+MAX_QUEUED = 64 * 1024 * 1024
+
+
+def _code_fingerprint() -> str:
+    """The medlb code on disk as this process loaded it: the sizes and times of its sources.
+
+    A worker started after an upgrade of the files under a running main process would speak
+    another version of the channel; the main process sends this and the worker refuses.
+    """
+    root = Path(__file__).resolve().parent.parent
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        st = path.stat()
+        digest.update(f"{path.relative_to(root)}:{st.st_size}:{st.st_mtime_ns};".encode())
+    return digest.hexdigest()[:16]
+
+
+#: Computed at import, i.e. when the process started.
+CODE = _code_fingerprint()
 #: The largest message accepted on the channel (a config with thousands of servers fits).
 MAX_MESSAGE = 64 * 1024 * 1024
 
@@ -90,7 +116,7 @@ class Channel:
         return cls(reader, writer)
 
     def send(self, msg: Msg) -> None:
-        if self.writer.is_closing():
+        if self.writer.is_closing() or self.writer.transport.get_write_buffer_size() > MAX_QUEUED:
             return
         data = pickle.dumps(msg, pickle.HIGHEST_PROTOCOL)
         self.writer.write(len(data).to_bytes(4, "big") + data)
@@ -103,6 +129,12 @@ class Channel:
                 raise ValueError(f"message of {size} bytes on the worker channel")
             msg: Msg = pickle.loads(await self.reader.readexactly(size))
         except (asyncio.IncompleteReadError, ConnectionError):
+            return None
+        except Exception as exc:  # a message this code cannot read: the channel is unusable
+            log.error("unreadable message on the worker channel (%r): closing it", exc)
+            return None
+        if not isinstance(msg, dict):
+            log.error("unexpected %s on the worker channel: closing it", type(msg).__name__)
             return None
         return msg
 
@@ -248,6 +280,8 @@ class Worker:
     restarts: int = 0
     ready: bool = False
     started_at: float = 0.0
+    #: When its last report came (loop time): a worker silent for HUNG_AFTER is restarted.
+    last_report: float = 0.0
     #: Messages broadcast after this worker's hello was built and before it was ready: they
     #: are sent, in order, once it is (a reload or an API change during a restart is not lost).
     backlog: list[Msg] | None = None
@@ -280,52 +314,65 @@ class WorkerPool:
         self._last_state: dict[str, ServerState] | None = None
         self._state_pending = False
         self._watched: set[str] = set()
+        #: Workers replaced after a failed reload, finishing their sessions (stop reaps them).
+        self.retiring: list[asyncio.subprocess.Process] = []
 
     # -- life cycle
 
     async def start(self) -> None:
-        """Start every worker and wait until each is listening; any failure stops them all."""
-        try:
-            for worker in self.workers:
-                await self._spawn(worker)
-        except BaseException:
+        """Start every worker at once and wait until each is listening; any failure stops them all."""
+        results = await asyncio.gather(*(self._spawn(w) for w in self.workers), return_exceptions=True)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
             await self.stop(0.0)
-            raise
+            raise errors[0]
         self.watch()
         log.info("%d worker process(es) started", len(self.workers))
 
     async def _spawn(self, worker: Worker) -> None:
-        worker.started_at = asyncio.get_running_loop().time()
+        loop = asyncio.get_running_loop()
+        worker.started_at = loop.time()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            worker.proc = await asyncio.create_subprocess_exec(
-                *self.argv,
-                "--channel-fd",
-                str(theirs.fileno()),
-                "--index",
-                str(worker.index),
-                pass_fds=(theirs.fileno(),),
-                stdin=asyncio.subprocess.DEVNULL,
-            )
-        finally:
-            theirs.close()
-        worker.channel = await Channel.open(ours)
-        worker.backlog = []
-        worker.channel.send(self.hello())
+            try:
+                worker.proc = await asyncio.create_subprocess_exec(
+                    *self.argv,
+                    "--channel-fd",
+                    str(theirs.fileno()),
+                    "--index",
+                    str(worker.index),
+                    pass_fds=(theirs.fileno(),),
+                    stdin=asyncio.subprocess.DEVNULL,
+                )
+            finally:
+                theirs.close()
+            worker.channel = await Channel.open(ours)
+        except BaseException:
+            ours.close()
+            await self._kill(worker)
+            raise
         try:
-            async with asyncio.timeout(START_TIMEOUT):
-                answer = await worker.channel.recv()
-        except TimeoutError:
-            answer = {"t": "error", "message": f"not ready after {START_TIMEOUT:.0f}s"}
-        if answer is None or answer.get("t") != "ready":
-            why = "exited before it was ready" if answer is None else answer.get("message", "?")
+            if self.stopping:
+                raise StartupError(f"worker {worker.index}: medlb is stopping")
+            worker.backlog = []
+            worker.channel.send({**self.hello(), "code": CODE})
+            try:
+                async with asyncio.timeout(START_TIMEOUT):
+                    answer = await worker.channel.recv()
+            except TimeoutError:
+                answer = {"t": "error", "message": f"not ready after {START_TIMEOUT:.0f}s"}
+            if answer is None or answer.get("t") != "ready":
+                why = "exited before it was ready" if answer is None else answer.get("message", "?")
+                raise StartupError(f"worker {worker.index} failed to start: {why}")
+        except BaseException:
             worker.backlog = None
             await self._kill(worker)
-            raise StartupError(f"worker {worker.index} failed to start: {why}")
+            raise
         for msg in worker.backlog:
             worker.channel.send(msg)
         worker.backlog = None
         worker.ready = True
+        worker.last_report = loop.time()
         worker.tally.clear()
         log.info("worker %d started (pid %d)", worker.index, worker.proc.pid)
 
@@ -337,16 +384,36 @@ class WorkerPool:
             group.create_task(self._heal(), name="worker state")
 
     async def _watch(self, worker: Worker) -> None:
+        """One slot, forever: nothing that happens to the worker may escape into the main TaskGroup."""
         loop = asyncio.get_running_loop()
         delay = RESTART_DELAY
         while True:
+            code: int | str | None = None
             channel = worker.channel
             if channel is not None:
                 while (msg := await channel.recv()) is not None:
-                    self._handle(worker, msg)
+                    if msg.get("t") == "failed":
+                        # It could not apply a reload and now drains its sessions: replace it
+                        # at once (its listeners are closed) and let it finish on its own.
+                        log.error("worker %d: %s; replacing it", worker.index, msg.get("message", "?"))
+                        if worker.proc is not None:
+                            self.retiring.append(worker.proc)
+                            worker.proc = None
+                        code = "replaced"
+                        break
+                    try:
+                        self._handle(worker, msg)
+                    except Exception:
+                        log.exception(
+                            "worker %d: cannot take its %r message; restarting it", worker.index, msg.get("t")
+                        )
+                        await self._kill(worker)
+                        break
+                channel.close()
             worker.ready = False
             worker.channel = None
-            code = await worker.proc.wait() if worker.proc is not None else None
+            if worker.proc is not None:
+                code = await worker.proc.wait()
             worker.tally.clear()
             sum_peer_sessions(self.runtime, self.tallies())
             if self.stopping:
@@ -354,17 +421,20 @@ class WorkerPool:
             worker.restarts += 1
             if loop.time() - worker.started_at >= STABLE_AFTER:
                 delay = RESTART_DELAY
-            log.error("worker %d exited (code %s); restarting it in %.1fs", worker.index, code, delay)
+            log.error("worker %d exited (%s); restarting it in %.1fs", worker.index, f"code {code}", delay)
             await asyncio.sleep(delay)
+            if self.stopping:
+                return
             delay = min(delay * 2, RESTART_DELAY_MAX)  # a crash loop slows down
             try:
                 await self._spawn(worker)
-            except (StartupError, OSError) as exc:
+            except Exception as exc:
                 log.error("%s", exc)
 
     def _handle(self, worker: Worker, msg: Msg) -> None:
         kind = msg.get("t")
         if kind == "report":
+            worker.last_report = asyncio.get_running_loop().time()
             worker.tally.take(self.runtime, msg)
             sum_peer_sessions(self.runtime, self.tallies())
         elif kind in ("observe", "stick"):
@@ -379,21 +449,20 @@ class WorkerPool:
         """Ask every worker to stop gracefully (``grace`` seconds for its sessions), then wait."""
         self.stopping = True
         self.broadcast({"t": "stop", "grace": grace})
-        procs = [w for w in self.workers if w.proc is not None and w.proc.returncode is None]
+        procs = [w.proc for w in self.workers if w.proc is not None and w.proc.returncode is None]
+        procs += [p for p in self.retiring if p.returncode is None]
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(grace + 5.0):
-                for worker in procs:
-                    assert worker.proc is not None
-                    await worker.proc.wait()
-        for worker in procs:
+                for proc in procs:
+                    await proc.wait()
+        for worker in self.workers:
             await self._kill(worker)
+        for proc in self.retiring:
+            await _kill(proc)
 
     async def _kill(self, worker: Worker) -> None:
-        proc = worker.proc
-        if proc is not None and proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGKILL)
-            await proc.wait()
+        if worker.proc is not None:
+            await _kill(worker.proc)
         if worker.channel is not None:
             worker.channel.close()
             worker.channel = None
@@ -429,6 +498,24 @@ class WorkerPool:
             self.broadcast({"t": "state", "state": state})
 
     async def _heal(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(HEAL_INTERVAL)
-            self.send_state(force=True)
+            try:
+                self.send_state(force=True)
+                for worker in self.workers:
+                    silent = loop.time() - worker.last_report
+                    if worker.ready and worker.proc is not None and silent > HUNG_AFTER:
+                        log.error("worker %d sent nothing for %.0fs: killing it", worker.index, silent)
+                        worker.ready = False
+                        with contextlib.suppress(ProcessLookupError):
+                            worker.proc.send_signal(signal.SIGKILL)  # _watch sees it end and restarts it
+            except Exception:
+                log.exception("worker state round failed; trying again in %.0fs", HEAL_INTERVAL)
+
+
+async def _kill(proc: asyncio.subprocess.Process) -> None:
+    if proc.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGKILL)
+        await proc.wait()

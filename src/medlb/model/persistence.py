@@ -90,9 +90,9 @@ class StickTable:
             entries.popitem(last=False)
         return share
 
-    def snapshot(self, now: float) -> list[tuple[bytes, str]]:
-        """The live entries, oldest use first: what a starting worker process learns."""
-        return [(key, name) for key, (name, seen, _) in self._entries.items() if now - seen <= self.idle]
+    def snapshot(self, now: float) -> list[tuple[bytes, str, float]]:
+        """The live entries and their ages, oldest use first: what a starting worker process learns."""
+        return [(key, name, now - seen) for key, (name, seen, _) in self._entries.items() if now - seen <= self.idle]
 
     def learn(self, key: bytes, server: str, now: float) -> None:
         """Take an entry another process shared (the last one shared wins)."""
