@@ -28,6 +28,7 @@ DICOM TLS on either side.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import socket
 from collections import Counter
@@ -35,7 +36,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, cast
 
 from medlb.errors import DicomProtocolError
-from medlb.io.tls import ClientTls, ServerTls, accept_transport
+from medlb.io.tls import ClientTls, ServerTls, start_session
 from medlb.layers.dicom import NO_SERVER, SERVERS_FAILED, DicomPolicy, Reject
 from medlb.model.server import Server
 from medlb.proto.dicom_dimse import StatusCategory
@@ -202,22 +203,21 @@ class DicomSession(asyncio.Protocol):
     # -- start --------------------------------------------------------------------------
 
     def start(self) -> None:
+        """Wrap the accepted socket in a uvloop transport (its C read/write path), TLS if configured."""
         sock, self.sock = self.sock, None
         assert sock is not None
-        self.loop.create_task(self._wrap(sock))
-
-    async def _wrap(self, sock: socket.socket) -> None:
-        failure = await accept_transport(self.loop, self, sock, self.settings.tls)
-        if failure is not None:
-            if self.settings.tls is not None:
-                log.info(
-                    "dicom client=%s:%d frontend=%s TLS handshake failed: %s",
-                    self.client_ip,
-                    self.client_port,
-                    self.frontend.name,
-                    failure,
-                )
-            self._finish("tls_handshake_failed")
+        client = (self.client_ip, self.client_port)
+        start_session(
+            self.loop,
+            self,
+            sock,
+            self.settings.tls,
+            log=log,
+            label="dicom",
+            client=client,
+            frontend=self.frontend.name,
+            on_failure=functools.partial(self._finish, "tls_handshake_failed"),
+        )
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)

@@ -47,7 +47,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Literal, cast
 
 from medlb.errors import Hl7ProtocolError
-from medlb.io.tls import ClientTls, ServerTls, accept_transport
+from medlb.io.tls import ClientTls, ServerTls, start_session
 from medlb.layers.hl7 import DedupTable, Hl7Router, KeyOrder
 from medlb.model.server import Server
 from medlb.proto.hl7 import (
@@ -323,22 +323,21 @@ class Hl7Session(asyncio.Protocol):
     # -- connection -----------------------------------------------------------------------
 
     def start(self) -> None:
+        """Wrap the accepted socket in a uvloop transport (its C read/write path), TLS if configured."""
         sock, self.sock = self.sock, None
         assert sock is not None
-        self.loop.create_task(self._wrap(sock))
-
-    async def _wrap(self, sock: socket.socket) -> None:
-        failure = await accept_transport(self.loop, self, sock, self.settings.tls)
-        if failure is not None:
-            if self.settings.tls is not None:
-                log.info(
-                    "hl7 client=%s:%d frontend=%s TLS handshake failed: %s",
-                    self.client_ip,
-                    self.client_port,
-                    self.frontend.name,
-                    failure,
-                )
-            self._ended()
+        client = (self.client_ip, self.client_port)
+        start_session(
+            self.loop,
+            self,
+            sock,
+            self.settings.tls,
+            log=log,
+            label="hl7",
+            client=client,
+            frontend=self.frontend.name,
+            on_failure=self._ended,
+        )
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)

@@ -43,7 +43,7 @@ from ipaddress import IPv4Network, IPv6Network, ip_address
 from typing import TYPE_CHECKING, cast
 
 from medlb.config import CookieSettings
-from medlb.io.tls import ServerTls, accept_transport, subject_text
+from medlb.io.tls import ServerTls, start_session, subject_text
 from medlb.layers.http_rules import DEFAULT, NO_RULES, Decision, Router
 from medlb.model.persistence import Persistence, honours
 from medlb.model.server import Server
@@ -917,25 +917,21 @@ class HttpSession(asyncio.Protocol):
         return self.stream.server if self.stream is not None else None
 
     def start(self) -> None:
-        """Wrap the accepted socket in a uvloop transport (its C read/write path)."""
+        """Wrap the accepted socket in a uvloop transport (its C read/write path), TLS if configured."""
         sock, self.sock = self.sock, None
         assert sock is not None
-        self.loop.create_task(self._wrap(sock))
-
-    async def _wrap(self, sock: socket.socket) -> None:
-        failure = await accept_transport(self.loop, self, sock, self.settings.tls)
-        if failure is not None:
-            # A failed handshake (plain HTTP on a TLS port, no client certificate,
-            # an old protocol) ends here: nothing was parsed, nothing reached a server.
-            if self.settings.tls is not None:
-                log.info(
-                    "tls client=%s:%d frontend=%s handshake failed: %s",
-                    self.client_ip,
-                    self.client_port,
-                    self.frontend.name,
-                    failure,
-                )
-            self._ended()
+        client = (self.client_ip, self.client_port)
+        start_session(
+            self.loop,
+            self,
+            sock,
+            self.settings.tls,
+            log=log,
+            label="tls",
+            client=client,
+            frontend=self.frontend.name,
+            on_failure=self._ended,
+        )
 
     # -- connection events ---------------------------------------------------------------
 

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import socket
 import ssl
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from medlb.config import BackendTls, FrontendTls, TlsCertificate
@@ -194,3 +195,32 @@ async def accept_transport(
         sock.close()
         return handshake_failure(exc)
     return None
+
+
+def start_session(
+    loop: asyncio.AbstractEventLoop,
+    protocol: asyncio.Protocol,
+    sock: socket.socket,
+    tls: ServerTls | None,
+    *,
+    log: logging.Logger,
+    label: str,
+    client: tuple[str, int],
+    frontend: str,
+    on_failure: Callable[[], None],
+) -> None:
+    """Start wrapping an accepted session's socket (see :func:`accept_transport`) in a task.
+
+    A refused handshake (plaintext on a TLS port, no client certificate, an old protocol)
+    is logged as ``<label> client=... frontend=... TLS handshake failed: ...`` and ends the
+    session through ``on_failure``: nothing was parsed and nothing reached a server.
+    """
+
+    async def wrap() -> None:
+        failure = await accept_transport(loop, protocol, sock, tls)
+        if failure is not None:
+            if tls is not None:
+                log.info("%s client=%s:%d frontend=%s TLS handshake failed: %s", label, *client, frontend, failure)
+            on_failure()
+
+    loop.create_task(wrap())
