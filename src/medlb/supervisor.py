@@ -712,6 +712,7 @@ class Supervisor:
                     self.pool = WorkerPool(self.workers, self.runtime, self._hello, self._from_worker)
                     self.runtime.peer_shutdown = self._peer_shutdown
                     self.runtime.peer_lag = 2 * REPORT_INTERVAL + 0.1
+                    self.runtime.peer_sync = self.pool.sync
                     try:
                         await self.pool.start()
                     except StartupError as exc:
@@ -903,6 +904,8 @@ class Supervisor:
                 self.exit_code = 1
                 self.request_stop()
                 return True
+        elif kind == "ping":
+            role.channel.send({"t": "pong", "id": msg["id"]})
         elif kind == "stop":
             self.request_stop()
             return True

@@ -437,6 +437,9 @@ with open(record, "a") as out:
     while (msg := recv()) is not None:
         out.write(repr(msg.get("t")) + " " + repr(msg.get("n")) + "\n")
         out.flush()
+        if msg.get("t") == "ping":
+            time.sleep(0.3)  # applying takes a while: sync() must wait for the answer
+            send({"t": "pong", "id": msg["id"]})
 """
 
 
@@ -576,3 +579,25 @@ def test_a_reload_moving_an_address_between_tcp_and_hl7_is_refused(tmp_path: Pat
         w.lb.wait_for_log("reload by SIGHUP refused")
         assert f"127.0.0.1:{w.port} moves from a mode tcp frontend to mode hl7" in w.lb.log
         assert _greet_many(w.port, 4) == ["s1"] * 4  # still the tcp frontend, in every process
+
+
+def test_sync_returns_once_every_worker_answered_after_the_changes(tmp_path: Path) -> None:
+    """The admin API answers a drain only after this: then no process takes new sessions on it."""
+    pool, record = _pool(tmp_path, "0")
+
+    async def main() -> float:
+        await pool.start()
+        watch = asyncio.create_task(pool.run())
+        pool.broadcast({"t": "state", "n": 1})
+        started = time.monotonic()
+        await pool.sync()
+        took = time.monotonic() - started
+        await pool.stop(0.0)
+        watch.cancel()
+        return took
+
+    took = asyncio.run(main())
+    assert 0.25 <= took < 2.0
+    lines = record.read_text().splitlines()
+    # What was sent before, then the full server state sync() flushes, then its ping.
+    assert lines[:3] == ["'state' 1", "'state' None", "'ping' None"]

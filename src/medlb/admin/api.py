@@ -447,6 +447,7 @@ class AdminServer:
             server.set_admin_state(state, backend.clock(), source, reason)
         if isinstance(weight, int):
             server.set_weight(weight, source)
+        await self._peers_applied()
         return _json(self._server_doc(server))
 
     async def _add_server(self, request: web.Request) -> web.Response:
@@ -475,6 +476,7 @@ class AdminServer:
                 400, "invalid server: " + "; ".join(f"{p['where']}: {p['message']}" for p in problems), errors=problems
             ) from None
         server = self.control.add_server(b_name, spec, self._who(request))
+        await self._peers_applied()
         return _json(self._server_doc(server), 201)
 
     async def _delete_server(self, request: web.Request) -> web.Response:
@@ -482,6 +484,7 @@ class AdminServer:
         closed = self.control.remove_server(
             request.match_info["backend"], request.match_info["server"], force=force, source=self._who(request)
         )
+        await self._peers_applied()
         return _json({"removed": request.match_info["server"], "closed_sessions": closed})
 
     async def _wait(self, request: web.Request) -> web.Response:
@@ -511,13 +514,22 @@ class AdminServer:
             return _json(doc, 408)
         return _json(doc)
 
+    async def _peers_applied(self) -> None:
+        """With worker processes: answer a change only once every process has applied it."""
+        sync = self.control.runtime.peer_sync
+        if sync is not None:
+            await sync()
+
     async def _shutdown_sessions(self, request: web.Request) -> web.Response:
         server = self._server(request)
         closed = self.control.runtime.shutdown_sessions(server, "admin_shutdown")
+        await self._peers_applied()
         return _json({"closed": closed})
 
     async def _reload(self, request: web.Request) -> web.Response:
         result = await self.control.reload(self._who(request))
+        if result.ok:
+            await self._peers_applied()
         return _json(result.doc(), 200 if result.ok else result.status)
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 
 from medlb.checks.scheduler import ServerChecker
@@ -64,6 +64,9 @@ class Runtime:
     #: In the main process with workers: how old a state change must be before the workers'
     #: reports surely reflect it (two report intervals); 0 without workers.
     peer_lag: float = 0.0
+    #: In the main process with workers: returns once every worker has applied the changes
+    #: made so far (the admin API awaits it before answering a change).
+    peer_sync: Callable[[], Awaitable[None]] | None = None
     _group: asyncio.TaskGroup | None = None
     _tasks: dict[Server, tuple[asyncio.Task[None], asyncio.Task[None]]] = field(default_factory=dict)
 

@@ -68,6 +68,8 @@ STABLE_AFTER = 10.0
 #: A ready worker that has sent no report for this long is hung (a stuck event loop keeps its
 #: accept queue and strands its share of new connections): it is killed and restarted.
 HUNG_AFTER = 10 * REPORT_INTERVAL
+#: How long an admin change waits for the workers to confirm they applied it.
+SYNC_TIMEOUT = 2.0
 #: The most bytes queued towards one worker; beyond it messages are dropped (a worker that
 #: reads nothing is hung, and the full state every second heals what a live one missed).
 MAX_QUEUED = 64 * 1024 * 1024
@@ -282,6 +284,8 @@ class Worker:
     started_at: float = 0.0
     #: When its last report came (loop time): a worker silent for HUNG_AFTER is restarted.
     last_report: float = 0.0
+    #: Pings sent by :meth:`WorkerPool.sync`, by id, resolved by the worker's pong.
+    pongs: dict[int, asyncio.Future[None]] = field(default_factory=dict)
     #: Messages broadcast after this worker's hello was built and before it was ready: they
     #: are sent, in order, once it is (a reload or an API change during a restart is not lost).
     backlog: list[Msg] | None = None
@@ -316,6 +320,7 @@ class WorkerPool:
         self._watched: set[str] = set()
         #: Workers replaced after a failed reload, finishing their sessions (stop reaps them).
         self.retiring: list[asyncio.subprocess.Process] = []
+        self._sync_id = 0
 
     # -- life cycle
 
@@ -412,6 +417,7 @@ class WorkerPool:
                 channel.close()
             worker.ready = False
             worker.channel = None
+            _resolve(worker.pongs)  # nobody waits for a worker that is gone
             if worker.proc is not None:
                 code = await worker.proc.wait()
             worker.tally.clear()
@@ -437,6 +443,10 @@ class WorkerPool:
             worker.last_report = asyncio.get_running_loop().time()
             worker.tally.take(self.runtime, msg)
             sum_peer_sessions(self.runtime, self.tallies())
+        elif kind == "pong":
+            future = worker.pongs.pop(msg["id"], None)
+            if future is not None and not future.done():
+                future.set_result(None)
         elif kind in ("observe", "stick"):
             self.on_message(msg)
         else:
@@ -476,6 +486,30 @@ class WorkerPool:
                 worker.channel.send(msg)
             elif worker.backlog is not None:
                 worker.backlog.append(msg)
+
+    async def sync(self) -> None:
+        """Return once every running worker has applied everything sent to it so far.
+
+        The channel keeps order, so a worker's answer to a ping sent after a change means
+        the change is applied: an operator's drain or halt returns only when no process
+        takes new sessions on that server any more (or after SYNC_TIMEOUT, for a hung worker).
+        """
+        self.send_state()  # a change coalesced for the next loop turn goes out now
+        self._sync_id += 1
+        waiting: list[asyncio.Future[None]] = []
+        loop = asyncio.get_running_loop()
+        for worker in self.workers:
+            if worker.ready and worker.channel is not None:
+                future: asyncio.Future[None] = loop.create_future()
+                worker.pongs[self._sync_id] = future
+                worker.channel.send({"t": "ping", "id": self._sync_id})
+                waiting.append(future)
+        if waiting:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(SYNC_TIMEOUT):
+                    await asyncio.gather(*waiting)
+        for worker in self.workers:
+            worker.pongs.pop(self._sync_id, None)
 
     def watch(self) -> None:
         """Follow every backend's server changes (idempotent; called again after each reload)."""
@@ -519,3 +553,10 @@ async def _kill(proc: asyncio.subprocess.Process) -> None:
         with contextlib.suppress(ProcessLookupError):
             proc.send_signal(signal.SIGKILL)
         await proc.wait()
+
+
+def _resolve(futures: dict[int, asyncio.Future[None]]) -> None:
+    for future in futures.values():
+        if not future.done():
+            future.set_result(None)
+    futures.clear()
