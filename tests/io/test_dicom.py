@@ -699,6 +699,8 @@ def test_storescp_killed_during_a_transfer(lab: Lab, tmp_path: Path) -> None:
     for _ in range(4):
         echo = run_tool("echoscu", "-aet", "AFTER", "-aec", "STORESCP", HOST, str(port))
         assert echo.returncode == 0, echo.stdout + echo.stderr
+    # medlb logs an association after echoscu has its release answer: the last line may lag.
+    wait_until(lambda: len(log_lines(lb, "calling=AFTER")) >= 4, timeout=5)
     after = log_lines(lb, "calling=AFTER")
     assert len(after) == 4 and all(f"server={survivor}" in line for line in after), after
 
