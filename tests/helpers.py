@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import random
 import re
 import signal
 import socket
@@ -20,12 +21,30 @@ from typing import Any
 
 import yaml
 
+# Ports handed out by free_port() in this test process, never handed out twice.
+_HANDED_OUT: set[int] = set()
+# Below Linux's ephemeral range (32768-60999): a port chosen here cannot be taken
+# by an outgoing connection or a bind(0) listener between the choice and the
+# moment medlb binds it, and two calls can never return the same port (a bind(0)
+# probe can, which once gave a frontend and the admin API one port).
+_PORT_RANGE = (20000, 32767)
+_PICK = random.Random(os.getpid())
+
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
+    """A loopback TCP port that is free now and that no other call returned."""
+    for _ in range(1000):
+        port = _PICK.randint(*_PORT_RANGE)
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
         return port
+    raise RuntimeError(f"no free port in {_PORT_RANGE}")
 
 
 class _Handler(socketserver.BaseRequestHandler):

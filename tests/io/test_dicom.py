@@ -425,6 +425,7 @@ def test_echo_and_store_through_medlb(lab: Lab, tmp_path: Path) -> None:
     assert f"commands=[C-STORE-RQ={n}]" in line and f"responses=[success={n}]" in line, line
     assert "server=a1" in line and "called=ARCHIVE server_ae=STORESCP" in line and "term=released" in line, line
     for calling in ("ECHOSCU", "PYSCU"):
+        lb.wait_for_log(f"calling={calling} ")
         (line,) = log_lines(lb, f"calling={calling} ")
         assert "commands=[C-ECHO-RQ=1] responses=[success=1] term=released" in line, line
 
@@ -575,6 +576,8 @@ def test_access_lists_reject_without_touching_a_server(lab: Lab) -> None:
     sock.close()
     assert answer[0] == 0x03 and answer[7] == 2, answer  # transient: the server answered garbage
     assert trap.accepted >= 1
+    # medlb logs an association once it has closed it, which can be just after the client saw the answer.
+    wait_until(lambda: len(log_lines(lb, "term=rejected")) >= 5, timeout=3)
     assert len(log_lines(lb, "term=rejected")) == 5, lb.log
 
 
@@ -604,6 +607,7 @@ def test_no_server_available_is_a_quick_transient_reject(lab: Lab) -> None:
     assert echo.returncode != 0 and "Rejected Transient" in echo.stdout + echo.stderr, echo.stdout + echo.stderr
     assert time.monotonic() - start < 2.0
     assert scp.opened == 0  # a server in maintenance is not even checked
+    wait_until(lambda: len(log_lines(lb, "term=no_server")) >= 5, timeout=3)
     assert len(log_lines(lb, "term=no_server")) == 5, lb.log
 
 
@@ -645,6 +649,8 @@ def test_server_reset_mid_association_aborts_the_client(lab: Lab) -> None:
     for _ in range(6):
         echo_once(port, "AFTER")
     assert alive.echoes.count("AFTER") == 6
+    # The last line is written after echoscu has its release answer: wait for it.
+    wait_until(lambda: len(log_lines(lb, "calling=AFTER")) >= 6, timeout=3)
     after = log_lines(lb, "calling=AFTER")
     assert len(after) == 6 and all("server=alive" in line and "attempts=1" in line for line in after), after
     assert any("term=server_reset_aborted" in line for line in log_lines(lb, "server=dead")), lb.log

@@ -28,6 +28,7 @@ from medlb.model.backend import Backend, BackendPolicy
 from medlb.model.health import OpState
 from medlb.model.server import Server
 from tests.conftest import Runner
+from tests.helpers import free_port
 
 #: Test servers started in the current test; ``lab`` closes them (uvloop turns a
 #: leaked server into a hang at loop close when warnings are errors).
@@ -66,13 +67,6 @@ class EchoServer:
         self.server = await asyncio.start_server(self.handle, "127.0.0.1", 0)
         _OPEN_SERVERS.append(self.server)
         port: int = self.server.sockets[0].getsockname()[1]
-        return port
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
         return port
 
 

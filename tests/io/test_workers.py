@@ -128,7 +128,7 @@ def test_channel_carries_messages_and_reports_the_end() -> None:
 
 # --------------------------------------------------------------------------- end to end
 
-READY = " medlb: medlb started"  # the main process's line (a worker's reads "worker 1 medlb: ...")
+READY = "INFO    medlb: medlb started"  # the main process's line; a worker's reads "INFO    worker 1 medlb: ..."
 
 
 @dataclass
