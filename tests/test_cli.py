@@ -108,17 +108,20 @@ def test_version() -> None:
 def test_demo_serves_through_medlb_and_stops_on_sigint() -> None:
     """The README's first command: the demo lab answers through medlb, with the
     weighted rotation it announces, and stops cleanly on Ctrl-C."""
+    import os
     import signal
     import time
 
     from tests.helpers import greet
 
     port = _demo_port()
+    known_token = "test-demo-token-0123456789abcdef"  # the demo keeps a token it is given
     proc = subprocess.Popen(
         [sys.executable, "-m", "medlb", "demo", "--port", str(port), "--admin-port", str(port + 104)],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        env={**os.environ, "MEDLB_DEMO_TOKEN": known_token},
     )
     try:
         deadline = time.monotonic() + 30
@@ -134,14 +137,22 @@ def test_demo_serves_through_medlb_and_stops_on_sigint() -> None:
         assert seen.count("medlb demo: served by s2") == 4 and seen.count("medlb demo: served by s1") == 2
         # The DICOM part: C-ECHO through the mode: dicom frontend, called ARCHIVE, reaches both demo
         # archives (their own AE titles differ) once their C-ECHO checks have brought them UP.
+        from tests.helpers import api, wait_until
+
+        def archives_up() -> bool:
+            code, doc = api(f"http://127.0.0.1:{port + 104}/api/v1/status", token=known_token)
+            if code != 200:
+                return False
+            states = {s["name"]: s["op_state"] for b in doc["backends"] for s in b["servers"]}
+            return states.get("pacs1") == states.get("pacs2") == "UP"
+
+        wait_until(archives_up, timeout=20, interval=0.2)
         echoed = _dicom_echoes(port + 4, count=4, deadline=time.monotonic() + 20)
         assert echoed == [0, 0, 0, 0], echoed
         # The HL7 part: a message through the mode: hl7 frontend is acknowledged by a demo receiver.
         ack = _hl7_send(port + 5, b"MSH|^~\\&|T|H|R|H|20261122||ADT^A01|CLITEST1|P|2.5\rPID|1||9^^^H\r")
         assert b"MSA|AA|CLITEST1|stored by ris" in ack, ack
         # The dashboard/API is up too, behind the token the banner prints.
-        from tests.helpers import api
-
         code, _ = api(f"http://127.0.0.1:{port + 104}/api/v1/status", token=None)
         assert code == 401
         proc.send_signal(signal.SIGINT)
@@ -149,7 +160,7 @@ def test_demo_serves_through_medlb_and_stops_on_sigint() -> None:
         assert proc.returncode == 0
         assert "medlb demo is running." in out and "medlb stopped" in out
         token = out.split("  token: ", 1)[1].split()[0]
-        assert len(token) >= 16 and f"http://127.0.0.1:{port + 104}/" in out
+        assert token == known_token and f"http://127.0.0.1:{port + 104}/" in out
         # Round robin sent the C-ECHO associations to both archives, each called by its own AE title.
         for archive, title in (("pacs1", "DEMO_PACS1"), ("pacs2", "DEMO_PACS2")):
             assert f"server={archive} calling=MODALITY called=ARCHIVE server_ae={title}" in out

@@ -65,7 +65,8 @@ def test_killed_server_costs_no_client_connection_and_is_marked_down(tmp_path: P
                 time.sleep(1.0)
                 stop.set()
             assert failures == []
-            assert seen_down - killed_at < 2 * 0.2 + 1.0
+            # Two failed connects at 0.2 s intervals, plus slack for a busy machine (not a 30 s inter).
+            assert seen_down - killed_at < 3.0
             assert served["s0"] > 20 and served["s2"] > 20
             assert re.search(r"connect to pool/s1 .* failed", lb.log)
     finally:

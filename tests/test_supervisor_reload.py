@@ -148,6 +148,7 @@ def test_reload_keeps_health_and_admin_state_and_warms_up_new_servers(tmp_path: 
             lb.wait_for_log("pool/s3 op_state DOWN -> UP")
             seen = {greet(port) for _ in range(6)}
             assert seen == {"s2", "s3"}
+            lb.wait_for_log("server=s3 ")  # a session's line is written once it has closed
             log = lb.log
             assert log.index("pool/s3 op_state DOWN -> UP") < log.index("server=s3 ")
     finally:

@@ -350,8 +350,8 @@ def dicom_config(
     return {
         "global": {"hard_stop_after": "3s"},
         "defaults": {
-            "timeouts": {"connect": "500ms", "client": "1m", "server": "1m", "queue": "2s", "check": "500ms"},
-            "check": {"inter": "500ms", "fastinter": "200ms", "downinter": "300ms", "rise": 1, "fall": 1},
+            "timeouts": {"connect": "500ms", "client": "1m", "server": "1m", "queue": "2s", "check": "2s"},
+            "check": {"inter": "500ms", "fastinter": "200ms", "downinter": "300ms", "rise": 1, "fall": 2},
             "retries": 2,
             "redispatch": True,
         },
@@ -795,7 +795,7 @@ def test_malformed_input_is_cut_quickly_and_harms_nobody(lab: Lab) -> None:
         assert results["huge_length"][0] == PROVIDER_ABORT
         assert results["truncated_rq"][1] > 0.8, results["truncated_rq"]  # the ARTIM timer, not earlier
         for term in ("bad_pdu", "artim_timeout"):
-            assert f"frontend=pacs {term}:" in lb.log, lb.log
+            lb.wait_for_log(f"frontend=pacs {term}:", timeout=3)
 
         start = time.monotonic()
         s_client = subprocess.run(
@@ -821,7 +821,9 @@ def test_malformed_input_is_cut_quickly_and_harms_nobody(lab: Lab) -> None:
         assert healthy.send_c_echo().Status == 0
         after = vm_rss_kib(lb.proc.pid)
         assert after - before < 4096, (before, after)  # KiB: flat, give or take allocator noise
-        assert lb.log.count("artim_timeout:") == 11 and lb.log.count("bad_pdu:") == 45, lb.log  # + openssl s_client
+        # + openssl s_client. A line can be written just after the client saw the close: wait for the counts.
+        wait_until(lambda: lb.log.count("artim_timeout:") >= 11 and lb.log.count("bad_pdu:") >= 45, timeout=3)
+        assert lb.log.count("artim_timeout:") == 11 and lb.log.count("bad_pdu:") == 45, lb.log
         assert scp.opened >= 1 and scp.echoes.count("HEALTHY") == 7
     finally:
         healthy.release()
@@ -878,7 +880,7 @@ def test_idle_timeout_counts_from_the_last_byte(lab: Lab) -> None:
         assert quiet.send_c_echo().Status == 0
         start = time.monotonic()
         wait_until(lambda: quiet.is_aborted, timeout=4)
-        assert 1.9 < time.monotonic() - start < 3.0
+        assert 1.9 < time.monotonic() - start < 4.0  # 2 s idle + a 0.5 s tick + a busy machine's slack
         # "timeouts.client: 0": no idle timeout at all.
         assert forever.is_established and forever.send_c_echo().Status == 0
     finally:

@@ -39,6 +39,12 @@ def request(port: int, headers: dict[str, str] | None = None) -> tuple[str, str 
         conn.close()
 
 
+def all_up(lb: Any) -> None:
+    """Checks start together but finish in any order: wait for every server, not just the last named."""
+    for name in ("a", "b", "c"):
+        lb.wait_for_log(f"viewers/{name} op_state DOWN -> UP")
+
+
 def start(
     tmp_path: Path, servers: list[Recorder], persistence: dict[str, Any], admin: bool = False
 ) -> tuple[Any, int, str]:
@@ -52,7 +58,7 @@ def start(
 def test_cookie_insert_pins_a_client_and_stays_out_of_the_servers_way(tmp_path: Path, servers: list[Recorder]) -> None:
     config, port, _ = start(tmp_path, servers, {"type": "cookie"})
     with running_medlb(config, tmp_path) as lb:
-        lb.wait_for_log("viewers/c op_state DOWN -> UP")
+        all_up(lb)
         first, set_cookie = request(port)
         assert set_cookie is not None
         name, _, rest = set_cookie.partition("=")
@@ -72,7 +78,7 @@ def test_cookie_insert_pins_a_client_and_stays_out_of_the_servers_way(tmp_path: 
 def test_drain_honours_pins_and_down_re_pins(tmp_path: Path, servers: list[Recorder]) -> None:
     config, port, url = start(tmp_path, servers, {"type": "cookie"}, admin=True)
     with running_medlb(config, tmp_path) as lb:
-        lb.wait_for_log("viewers/c op_state DOWN -> UP")
+        all_up(lb)
         pinned, set_cookie = request(port)
         assert set_cookie is not None
         cookie = {"Cookie": set_cookie.split(";")[0]}
@@ -94,27 +100,27 @@ def test_a_second_medlb_node_honours_the_first_ones_cookie(tmp_path: Path, serve
     (tmp_path / "one").mkdir()
     (tmp_path / "two").mkdir()
     with running_medlb(config, tmp_path / "one") as lb:
-        lb.wait_for_log("viewers/c op_state DOWN -> UP")
+        all_up(lb)
         pinned, set_cookie = request(port)
     assert set_cookie is not None
     port2 = free_port()
     config["frontends"][0]["bind"] = [f"127.0.0.1:{port2}"]
     with running_medlb(config, tmp_path / "two") as lb2:
-        lb2.wait_for_log("viewers/c op_state DOWN -> UP")
+        all_up(lb2)
         assert {request(port2, {"Cookie": set_cookie.split(";")[0]})[0] for _ in range(4)} == {pinned}
 
 
 def test_source_persistence(tmp_path: Path, servers: list[Recorder]) -> None:
     config, port, _ = start(tmp_path, servers, {"type": "source", "timeout": "10m"})
     with running_medlb(config, tmp_path) as lb:
-        lb.wait_for_log("viewers/c op_state DOWN -> UP")
+        all_up(lb)
         assert len({request(port)[0] for _ in range(6)}) == 1  # every connection from 127.0.0.1
 
 
 def test_header_persistence(tmp_path: Path, servers: list[Recorder]) -> None:
     config, port, _ = start(tmp_path, servers, {"type": "header", "header": "X-Study-UID"})
     with running_medlb(config, tmp_path) as lb:
-        lb.wait_for_log("viewers/c op_state DOWN -> UP")
+        all_up(lb)
         study_a = {request(port, {"X-Study-UID": "1.2.3"})[0] for _ in range(4)}
         study_b = {request(port, {"X-Study-UID": "1.2.4"})[0] for _ in range(4)}
         assert len(study_a) == 1 and len(study_b) == 1
