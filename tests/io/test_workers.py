@@ -28,7 +28,16 @@ import yaml
 from medlb.balance import make_balancer
 from medlb.config import Config, HostPort
 from medlb.io.runtime import Runtime
-from medlb.io.workers import Channel, Tally, apply_state, collect, server_state, sum_peer_sessions
+from medlb.io.workers import (
+    MIGRATE_SYSCTL,
+    Channel,
+    Tally,
+    apply_state,
+    collect,
+    migrate_hint,
+    server_state,
+    sum_peer_sessions,
+)
 from medlb.model.backend import Backend, BackendPolicy
 from medlb.model.health import OpState
 from medlb.model.server import AdminState, Server
@@ -304,6 +313,62 @@ def test_reload_reaches_the_worker(tmp_path: Path) -> None:
         w.lb.wait_for_log("pool/s2 op_state DOWN -> UP")
         assert set(_greet_many(w.port, 60)) == {"s1", "s2"}
         wait_until(lambda: w.worker_lines("server=s2") > 0, timeout=5)
+
+
+def test_the_migrate_hint_names_the_sysctl_unless_it_is_set(tmp_path: Path) -> None:
+    sysctl = tmp_path / "tcp_migrate_req"
+    sysctl.write_text("1\n")
+    assert migrate_hint(sysctl) is None
+    sysctl.write_text("0\n")
+    assert "'sysctl -w net.ipv4.tcp_migrate_req=1'" in (migrate_hint(sysctl) or "")
+    assert "needs Linux 5.14" in (migrate_hint(tmp_path / "absent") or "")
+
+
+@contextlib.contextmanager
+def _sysctl(path: Path, value: str) -> Iterator[None]:
+    """Set a sysctl for one test and put the old value back (tests run as root, one at a time)."""
+    old = path.read_text()
+    try:
+        path.write_text(value)
+    except OSError as exc:  # a container with a read-only /proc/sys
+        pytest.skip(f"cannot set {path}: {exc}")
+    try:
+        yield
+    finally:
+        path.write_text(old)
+
+
+@pytest.mark.skipif(not MIGRATE_SYSCTL.exists(), reason="net.ipv4.tcp_migrate_req needs Linux 5.14")
+def test_a_hung_worker_is_killed_and_the_connections_it_queued_are_served(tmp_path: Path) -> None:
+    """A stuck worker keeps its share of new connections in its accept queue. medlb kills it
+    after HUNG_AFTER; with tcp_migrate_req=1 the kernel moves that queue to the main process,
+    which serves every client: none is reset."""
+    with _sysctl(MIGRATE_SYSCTL, "1"), lab(tmp_path) as w:
+        assert "tcp_migrate_req" not in w.lb.log  # set: no hint at start
+        os.kill(w.worker_pid(), signal.SIGSTOP)
+        socks = [socket.create_connection(("127.0.0.1", w.port), timeout=15) for _ in range(24)]
+        try:
+            time.sleep(1.0)
+            # The main process greeted its share at once; the stopped worker's share waits.
+            waiting = [s for s in socks if not _readable(s)]
+            assert waiting, "every connection went to the main process: nothing was queued on the worker"
+            w.lb.wait_for_log("worker 1 sent nothing for", timeout=15)
+            for sock in socks:
+                data = b""
+                while not data.endswith(b"\n"):
+                    chunk = sock.recv(64)
+                    assert chunk, "a connection queued on the killed worker was closed unserved"
+                    data += chunk
+                assert data.decode().strip() in ("s1", "s2")
+        finally:
+            for sock in socks:
+                sock.close()
+
+
+def _readable(sock: socket.socket) -> bool:
+    import select
+
+    return bool(select.select([sock], [], [], 0)[0])
 
 
 def test_a_dead_worker_is_restarted_and_the_port_keeps_serving(tmp_path: Path) -> None:

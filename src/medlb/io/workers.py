@@ -75,6 +75,34 @@ SYNC_TIMEOUT = 2.0
 MAX_QUEUED = 64 * 1024 * 1024
 
 
+#: Linux 5.14+: when a listener of a SO_REUSEPORT group closes, move its queued connections
+#: to another listener of the group instead of resetting them.
+MIGRATE_SYSCTL = Path("/proc/sys/net/ipv4/tcp_migrate_req")
+
+
+def migrate_hint(sysctl: Path = MIGRATE_SYSCTL) -> str | None:
+    """Why connections queued on a dying worker would be reset, or None when they are moved.
+
+    A worker that dies (or is killed as hung) closes its listeners; by default the kernel
+    resets the connections in their accept queues, and those clients must retry. With
+    ``net.ipv4.tcp_migrate_req=1`` it hands them to the main process's listener instead.
+    medlb does not set it: it is a setting of the whole network namespace, the host's to choose.
+    """
+    try:
+        value = sysctl.read_text().strip()
+    except OSError:
+        return (
+            "this kernel cannot move the connections queued on a worker that dies to another process "
+            "(net.ipv4.tcp_migrate_req needs Linux 5.14): they are reset"
+        )
+    if value == "1":
+        return None
+    return (
+        "net.ipv4.tcp_migrate_req is 0: connections queued on a worker that dies are reset; "
+        "'sysctl -w net.ipv4.tcp_migrate_req=1' has the kernel move them to another process"
+    )
+
+
 def _code_fingerprint() -> str:
     """The medlb code on disk as this process loaded it: the sizes and times of its sources.
 
@@ -333,6 +361,8 @@ class WorkerPool:
             raise errors[0]
         self.watch()
         log.info("%d worker process(es) started", len(self.workers))
+        if (hint := migrate_hint()) is not None:
+            log.warning("%s", hint)
 
     async def _spawn(self, worker: Worker) -> None:
         loop = asyncio.get_running_loop()
