@@ -92,7 +92,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     import pickle
     import socket
 
-    from medlb.io.workers import Channel, WorkerRole
+    from medlb.io.workers import Board, Channel, WorkerRole
     from medlb.supervisor import Supervisor, new_event_loop
 
     sock = socket.socket(fileno=args.channel_fd)
@@ -120,7 +120,9 @@ def _cmd_worker(args: argparse.Namespace) -> int:
 
     async def main() -> int:
         channel = await Channel.open(sock)
-        role = WorkerRole(args.index, channel, hello)
+        columns = hello.get("board", {}).get("columns")
+        board = Board(args.board_fd, columns) if args.board_fd is not None and columns else None
+        role = WorkerRole(args.index, channel, hello, board)
         try:
             return await Supervisor(config, log_sessions=hello["log_sessions"], worker=role).run()
         except MedlbError as exc:
@@ -176,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     )  # started by the main process for global.workers; not for people
     worker.add_argument("--channel-fd", type=int, required=True)
     worker.add_argument("--index", type=int, required=True)
+    worker.add_argument("--board-fd", type=int)
     worker.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     worker.set_defaults(func=_cmd_worker)
 

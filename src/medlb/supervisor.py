@@ -62,6 +62,7 @@ from medlb.io.workers import (
     WorkerRole,
     apply_state,
     collect,
+    poll_queues,
     server_state,
 )
 from medlb.layers.dicom import DicomPolicy
@@ -133,6 +134,8 @@ class Supervisor:
         self.worker = worker
         #: The main process's worker processes, once started (``global.workers`` > 1).
         self.pool: WorkerPool | None = None
+        #: Worker: the board row of each server key, as the main process last said.
+        self._slots: dict[str, int] = {}
         #: Processes serving http/tcp frontends; fixed at start (a reload cannot change it).
         self.workers: int = worker.hello["workers"] if worker is not None else config.global_.workers
         self.config_path = config_path or ""
@@ -324,6 +327,9 @@ class Supervisor:
         )
         if self.pool is not None:
             self.pool.broadcast({"t": "add", "backend": backend_name, "spec": spec, "source": source})
+            self.pool.send_state()  # with the new server's row on the session board
+        elif self.worker is not None:
+            self._share()
         return server
 
     def remove_server(
@@ -404,6 +410,7 @@ class Supervisor:
         if result.ok and self.pool is not None:
             self.pool.watch()
             self.pool.broadcast({"t": "reload", "config": new, "ports": self.ports(), "source": source})
+            self.pool.send_state()  # new servers' rows on the session board
         return result
 
     def _crossing(self, new: Config) -> str | None:
@@ -721,6 +728,7 @@ class Supervisor:
                             frontend.close_listeners()
                         raise _Stopped from None
                     group.create_task(self.pool.run(), name="workers")
+                    group.create_task(poll_queues(self.runtime), name="queues")
                 log.info(
                     "medlb started: %d frontend(s), %d backend(s), %d server(s); nofile=%d; loop=%s",
                     len(self.runtime.frontends),
@@ -732,6 +740,7 @@ class Supervisor:
                 if self.worker is not None:
                     group.create_task(self._follow_main(self.worker), name="main process")
                     group.create_task(self._report(self.worker), name="report")
+                    group.create_task(poll_queues(self.runtime), name="queues")
                     self.worker.channel.send({"t": "ready"})
                 self.started.set()
                 await self._stop.wait()
@@ -799,9 +808,18 @@ class Supervisor:
             with contextlib.suppress(AdminError):
                 self.remove_server(backend_name, server_name, force=False, source="main process", checked=True)
         apply_state(self.runtime, hello["state"], self._loop.time())
+        self._slots = hello["board"]["slots"]
+        self._share()
         for backend_name, entries in hello["sticks"].items():
             for key, server_name, age in entries:
                 self._learn({"backend": backend_name, "key": key, "server": server_name, "age": age})
+
+    def _share(self) -> None:
+        """Worker: count every server's sessions on the main process's board (idempotent)."""
+        assert self.worker is not None
+        column = self.worker.hello["board"]["column"]
+        if self.worker.board is not None and column is not None:
+            self.worker.board.share(self.runtime, column, self._slots)
 
     def _sticks(self) -> dict[str, list[tuple[bytes, str, float]]]:
         """Every stick-table entry of this process (the main one holds what all workers shared)."""
@@ -879,6 +897,8 @@ class Supervisor:
         kind = msg.get("t")
         if kind == "state":
             apply_state(self.runtime, msg["state"], self._loop.time())
+            self._slots = msg.get("slots", self._slots)
+            self._share()
         elif kind == "add":
             with contextlib.suppress(AdminError):
                 self.add_server(msg["backend"], msg["spec"], msg["source"])
@@ -904,6 +924,7 @@ class Supervisor:
                 self.exit_code = 1
                 self.request_stop()
                 return True
+            self._share()  # servers the reload made are counted on the board at once
         elif kind == "ping":
             role.channel.send({"t": "pong", "id": msg["id"]})
         elif kind == "stop":

@@ -30,11 +30,13 @@ from medlb.config import Config, HostPort
 from medlb.io.runtime import Runtime
 from medlb.io.workers import (
     MIGRATE_SYSCTL,
+    Board,
     Channel,
     Tally,
     apply_state,
     collect,
     migrate_hint,
+    poll_queues,
     server_state,
     sum_peer_sessions,
 )
@@ -166,11 +168,12 @@ class Lab:
 
 
 @contextlib.contextmanager
-def lab(tmp: Path, names: tuple[str, ...] = ("s1", "s2"), workers: int = 2) -> Iterator[Lab]:
+def lab(tmp: Path, names: tuple[str, ...] = ("s1", "s2"), workers: int = 2, **server_opts: Any) -> Iterator[Lab]:
     servers = [EchoServer(name) for name in names]
     port = free_port()
-    config = tcp_config(port, [{"name": s.name, "address": f"127.0.0.1:{s.port}"} for s in servers])
+    config = tcp_config(port, [{"name": s.name, "address": f"127.0.0.1:{s.port}", **server_opts} for s in servers])
     config["global"]["workers"] = workers
+    config["defaults"]["timeouts"]["queue"] = "30s"
     url = with_admin(config, tmp)
     try:
         with running_medlb(config, tmp, ready=READY) as lb:
@@ -313,6 +316,113 @@ def test_reload_reaches_the_worker(tmp_path: Path) -> None:
         w.lb.wait_for_log("pool/s2 op_state DOWN -> UP")
         assert set(_greet_many(w.port, 60)) == {"s1", "s2"}
         wait_until(lambda: w.worker_lines("server=s2") > 0, timeout=5)
+
+
+# --------------------------------------------------------------------------- the session board
+
+
+def test_the_board_sums_every_processs_column_and_forgets_a_dead_ones() -> None:
+    board = Board.create(2)  # 4 columns: main, a worker, and two for replaced workers
+    assert board.columns == 4
+    main, worker = board.cell(5, 0), board.cell(5, 1)
+    main.add(2)
+    worker.add(3)
+    worker.add(-1)
+    assert main.total() == worker.total() == 4
+    assert board.cell(4, 0).total() == board.cell(6, 0).total() == 0  # rows do not bleed
+    board.clear(1)
+    assert main.total() == 2
+
+
+def test_a_server_on_the_board_is_full_at_the_nodes_maxconn() -> None:
+    board = Board.create(2)
+    runtime = _runtime("s1")
+    backend = runtime.backends["pool"]
+    (s1,) = backend.servers
+    s1.maxconn = 3
+    assert backend.select() is s1  # one session before it joins the board: it is carried over
+    board.assign(runtime)
+    board.share(runtime, 0, board.slots)
+    board.share(runtime, 0, board.slots)  # idempotent
+    other = board.cell(board.slots["pool/s1"], 1)  # another process's column
+    other.add(2)
+    assert s1.cur_sessions == 1 and s1.full  # 1 here + 2 there
+    assert backend.select() is None and backend.saturated()
+    other.add(-1)
+    assert backend.select() is s1
+    assert board.cell(board.slots["pool/s1"], 0).total() == 3
+    backend.release(s1)
+    backend.release(s1)
+    assert board.cell(board.slots["pool/s1"], 0).total() == 1
+
+
+def test_a_queued_session_gets_the_slot_another_process_freed() -> None:
+    """Backend.release only wakes this process's queue: poll_queues notices the others' releases."""
+    board = Board.create(2)
+    runtime = _runtime("s1")
+    backend = runtime.backends["pool"]
+    (s1,) = backend.servers
+    s1.maxconn = 1
+    board.assign(runtime)
+    board.share(runtime, 0, board.slots)
+    other = board.cell(board.slots["pool/s1"], 1)
+    other.add(1)
+
+    @dataclass
+    class Waiting:
+        cancelled: bool = False
+        key: bytes | None = None
+        got: Server | None = None
+
+        def grant(self, server: Server) -> None:
+            self.got = server
+
+    waiter = Waiting()
+
+    async def main() -> None:
+        assert backend.select() is None
+        backend.queue.append(waiter)
+        poller = asyncio.create_task(poll_queues(runtime))
+        await asyncio.sleep(0.1)
+        assert waiter.got is None  # still full
+        other.add(-1)  # the other process's session ended
+        for _ in range(50):
+            if waiter.got is not None:
+                break
+            await asyncio.sleep(0.02)
+        poller.cancel()
+
+    asyncio.run(main())
+    assert waiter.got is s1 and s1.cur_sessions == 1
+
+
+def test_maxconn_holds_for_the_node_not_per_process(tmp_path: Path) -> None:
+    """maxconn: 4 with two processes: four sessions on the server in all, not four per process.
+    The others queue, and get the slots sessions of either process free. (Before the board,
+    each process admitted four: eight.)"""
+    with lab(tmp_path, names=("s1",), maxconn=4) as w:
+        socks = [socket.create_connection(("127.0.0.1", w.port), timeout=10) for _ in range(12)]
+        pending = list(socks)
+        rounds = []
+        try:
+            while pending:
+                wait_until(lambda: any(_readable(s) for s in pending), timeout=10)
+                time.sleep(0.5)  # every free slot is taken by now, in both processes
+                served = [s for s in pending if _readable(s)]
+                rounds.append(len(served))
+                for sock in served:
+                    assert sock.recv(16) == b"s1\n"
+                    sock.close()
+                    pending.remove(sock)
+        finally:
+            for sock in socks:
+                sock.close()
+        assert rounds[0] == 4, rounds
+        # Two processes can take the last free slot in the same instant: one over, at most.
+        assert all(n <= 5 for n in rounds) and sum(rounds) == 12, rounds
+        # Both processes took part (the kernel spreads 12 connections over both listeners).
+        wait_until(lambda: w.worker_lines("server=s1") > 0, timeout=5)
+        wait_until(lambda: sum("medlb.session" in x and "server=s1" in x for x in w.lb.log.splitlines()) == 12)
 
 
 def test_the_migrate_hint_names_the_sysctl_unless_it_is_set(tmp_path: Path) -> None:

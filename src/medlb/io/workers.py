@@ -36,11 +36,13 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import mmap
+import os
 import pickle
 import signal
 import socket
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -208,6 +210,116 @@ def apply_state(runtime: Runtime, state: dict[str, ServerState], now: float) -> 
             server.set_agent_pct(pct)
 
 
+# --------------------------------------------------------------------------- shared session counts
+
+#: Server keys the board has a row for (one each, kept for the main process's lifetime).
+BOARD_SLOTS = 4096
+#: Seconds between two looks at the queues. A slot another process frees is not announced,
+#: so a session queued because the node's maxconn was reached waits at most this long more.
+QUEUE_POLL = 0.02
+
+
+class Cell:
+    """One server's row of the board, written in one process's column (a SharedCount)."""
+
+    __slots__ = ("_end", "_own", "_start", "_view")
+
+    def __init__(self, view: memoryview, slot: int, column: int, columns: int) -> None:
+        self._view = view
+        self._start = slot * columns
+        self._end = self._start + columns
+        self._own = self._start + column
+
+    def add(self, n: int) -> None:
+        self._view[self._own] += n
+
+    def total(self) -> int:
+        return sum(self._view[self._start : self._end])
+
+
+class Board:
+    """Every process's current sessions per server, in one shared memory block.
+
+    So that ``maxconn`` is the node's limit, not each process's: a PACS that takes 20
+    associations must not get 20 per process. A row per server key, a column per
+    process; each process writes only its own column (plain int32 stores, no lock), and
+    every process reads the row's sum when it checks the limit. Two processes that admit
+    a session in the same instant against the last free slot can pass ``maxconn`` by
+    ``workers - 1`` for that instant, never more. The main process zeroes the column of a
+    process that died (its sessions died with it).
+
+    A memfd mapped by every process: the workers inherit its descriptor at start.
+    """
+
+    def __init__(self, fd: int, columns: int) -> None:
+        self.fd = fd
+        self.columns = columns
+        self._map = mmap.mmap(fd, BOARD_SLOTS * columns * 4)
+        self.view = memoryview(self._map).cast("i")
+        #: Main process: the row of each server key, handed out in order and never reused.
+        self.slots: dict[str, int] = {}
+        self._cells: dict[tuple[int, int], Cell] = {}
+        self._warned = False
+
+    @classmethod
+    def create(cls, workers: int) -> Board:
+        """The main process's board: a column for each process, and as many again for
+        workers replaced after a failed reload, which keep theirs while they drain."""
+        columns = 2 * workers
+        fd = os.memfd_create("medlb-sessions")
+        os.ftruncate(fd, BOARD_SLOTS * columns * 4)
+        return cls(fd, columns)
+
+    def assign(self, runtime: Runtime) -> None:
+        """Main process: give every server key a row."""
+        for backend in runtime.backends.values():
+            for server in backend.servers:
+                if server.key not in self.slots:
+                    if len(self.slots) >= BOARD_SLOTS:
+                        if not self._warned:
+                            self._warned = True
+                            log.warning(
+                                "more than %d server names since start: maxconn of %s and later servers "
+                                "counts each process's sessions only (restart medlb to reset)",
+                                BOARD_SLOTS,
+                                server.key,
+                            )
+                        continue
+                    self.slots[server.key] = len(self.slots)
+
+    def share(self, runtime: Runtime, column: int, slots: Mapping[str, int]) -> None:
+        """Count every server's sessions of this process in its row (idempotent)."""
+        for backend in runtime.backends.values():
+            for server in backend.servers:
+                slot = slots.get(server.key)
+                if slot is not None:
+                    server.share(self.cell(slot, column))
+
+    def cell(self, slot: int, column: int) -> Cell:
+        cell = self._cells.get((slot, column))
+        if cell is None:
+            cell = self._cells[(slot, column)] = Cell(self.view, slot, column, self.columns)
+        return cell
+
+    def clear(self, column: int) -> None:
+        """The process of ``column`` is gone, and its sessions with it."""
+        view = self.view
+        for i in range(column, len(view), self.columns):
+            view[i] = 0
+
+
+async def poll_queues(runtime: Runtime) -> None:
+    """Give queued sessions the slots other processes freed (each process only hears of its own)."""
+    while True:
+        await asyncio.sleep(QUEUE_POLL)
+        for backend in runtime.backends.values():
+            if backend.queue:
+                try:
+                    backend.dispatch_queue()
+                except Exception:
+                    log.exception("backend %s: serving its queue failed", backend.name)
+
+
 # --------------------------------------------------------------------------- counters (workers -> main)
 
 
@@ -297,6 +409,8 @@ class WorkerRole:
     index: int
     channel: Channel
     hello: Msg
+    #: The main process's board, mapped from the descriptor the worker inherited.
+    board: Board | None = None
 
 
 @dataclass
@@ -306,6 +420,8 @@ class Worker:
     index: int
     proc: asyncio.subprocess.Process | None = None
     channel: Channel | None = None
+    #: Its column of the board while its process lives (None: none was free; per-process maxconn).
+    column: int | None = None
     tally: Tally = field(default_factory=Tally)
     restarts: int = 0
     ready: bool = False
@@ -343,6 +459,10 @@ class WorkerPool:
         #: The command that starts a worker; its last two arguments are added per worker.
         self.argv = argv or [sys.executable, "-m", "medlb", "worker"]
         self.stopping = False
+        self.board = Board.create(count)
+        self._free_columns = list(range(1, self.board.columns))  # column 0 is the main process's
+        #: Tasks that free a retiring worker's column when it exits.
+        self._reaping: set[asyncio.Task[None]] = set()
         self._last_state: dict[str, ServerState] | None = None
         self._state_pending = False
         self._watched: set[str] = set()
@@ -367,6 +487,11 @@ class WorkerPool:
     async def _spawn(self, worker: Worker) -> None:
         loop = asyncio.get_running_loop()
         worker.started_at = loop.time()
+        if worker.column is None and self._free_columns:
+            worker.column = self._free_columns.pop(0)
+        elif worker.column is None:
+            log.warning("worker %d: no free column on the session board; its maxconn is per process", worker.index)
+        self.share()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             try:
@@ -376,7 +501,9 @@ class WorkerPool:
                     str(theirs.fileno()),
                     "--index",
                     str(worker.index),
-                    pass_fds=(theirs.fileno(),),
+                    "--board-fd",
+                    str(self.board.fd),
+                    pass_fds=(theirs.fileno(), self.board.fd),
                     stdin=asyncio.subprocess.DEVNULL,
                 )
             finally:
@@ -390,7 +517,8 @@ class WorkerPool:
             if self.stopping:
                 raise StartupError(f"worker {worker.index}: medlb is stopping")
             worker.backlog = []
-            worker.channel.send({**self.hello(), "code": CODE})
+            board = {"column": worker.column, "columns": self.board.columns, "slots": dict(self.board.slots)}
+            worker.channel.send({**self.hello(), "code": CODE, "board": board})
             try:
                 async with asyncio.timeout(START_TIMEOUT):
                     answer = await worker.channel.recv()
@@ -433,7 +561,12 @@ class WorkerPool:
                         log.error("worker %d: %s; replacing it", worker.index, msg.get("message", "?"))
                         if worker.proc is not None:
                             self.retiring.append(worker.proc)
+                            # It keeps its column (and its sessions' counts) until it exits.
+                            task = asyncio.create_task(self._reap(worker.proc, worker.column))
+                            self._reaping.add(task)
+                            task.add_done_callback(self._reaping.discard)
                             worker.proc = None
+                            worker.column = None
                         code = "replaced"
                         break
                     try:
@@ -450,6 +583,8 @@ class WorkerPool:
             _resolve(worker.pongs)  # nobody waits for a worker that is gone
             if worker.proc is not None:
                 code = await worker.proc.wait()
+            self._free(worker.column)
+            worker.column = None
             worker.tally.clear()
             sum_peer_sessions(self.runtime, self.tallies())
             if self.stopping:
@@ -466,6 +601,21 @@ class WorkerPool:
                 await self._spawn(worker)
             except Exception as exc:
                 log.error("%s", exc)
+
+    async def _reap(self, proc: asyncio.subprocess.Process, column: int | None) -> None:
+        await proc.wait()
+        self._free(column)
+
+    def _free(self, column: int | None) -> None:
+        """A worker's process is gone: its sessions are, too."""
+        if column is not None:
+            self.board.clear(column)
+            self._free_columns.append(column)
+
+    def share(self) -> None:
+        """Main process: every server gets a row on the board, and counts its sessions there."""
+        self.board.assign(self.runtime)
+        self.board.share(self.runtime, 0, self.board.slots)
 
     def _handle(self, worker: Worker, msg: Msg) -> None:
         kind = msg.get("t")
@@ -543,6 +693,7 @@ class WorkerPool:
 
     def watch(self) -> None:
         """Follow every backend's server changes (idempotent; called again after each reload)."""
+        self.share()
         for backend in self.runtime.backends.values():
             if backend.name not in self._watched or self._on_change not in backend.state_listeners:
                 backend.state_listeners.append(self._on_change)
@@ -556,10 +707,11 @@ class WorkerPool:
 
     def send_state(self, force: bool = False) -> None:
         self._state_pending = False
+        self.share()
         state = server_state(self.runtime)
         if force or state != self._last_state:
             self._last_state = state
-            self.broadcast({"t": "state", "state": state})
+            self.broadcast({"t": "state", "state": state, "slots": dict(self.board.slots)})
 
     async def _heal(self) -> None:
         loop = asyncio.get_running_loop()

@@ -218,10 +218,14 @@ class Backend:
     def take(server: Server) -> None:
         server.cur_sessions += 1
         server.total_sessions += 1
+        if server.shared is not None:
+            server.shared.add(1)
 
     def release(self, server: Server) -> None:
         """A session left ``server``: free the slot and serve the queue."""
         server.cur_sessions -= 1
+        if server.shared is not None:
+            server.shared.add(-1)
         if self.queue:
             self.dispatch_queue()
 

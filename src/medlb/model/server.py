@@ -20,6 +20,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from medlb.config import HostPort
 from medlb.model.health import HealthCounter, OpState, Transition
@@ -43,6 +44,18 @@ class CheckResult:
 
 #: Called on every state change of a server: (server, what changed, cause).
 StateListener = Callable[["Server", str, str], None]
+
+
+class SharedCount(Protocol):
+    """A server's current sessions in every process of the node (``global.workers``).
+
+    Each process adds its own changes; ``total`` is what ``maxconn`` is held against, so
+    the limit is the node's, not each process's.
+    """
+
+    def add(self, n: int) -> None: ...
+
+    def total(self) -> int: ...
 
 
 class Server:
@@ -76,6 +89,7 @@ class Server:
         "peer_sessions",
         "redispatches",
         "retries",
+        "shared",
         "slowstart",
         "sockaddr",
         "state_changes",
@@ -128,6 +142,8 @@ class Server:
         #: ``global.workers``: sessions the worker processes last reported (the main process's
         #: view); ``cur_sessions`` stays this process's own, which maxconn and leastconn use.
         self.peer_sessions = 0
+        #: ``global.workers``: the node-wide session count this server's maxconn is held against.
+        self.shared: SharedCount | None = None
         self.total_sessions = 0
         self.bytes_in = 0
         self.bytes_out = 0
@@ -172,7 +188,20 @@ class Server:
 
     @property
     def full(self) -> bool:
-        return self.maxconn > 0 and self.cur_sessions >= self.maxconn
+        if self.maxconn <= 0:
+            return False
+        shared = self.shared
+        return (self.cur_sessions if shared is None else shared.total()) >= self.maxconn
+
+    def share(self, count: SharedCount) -> None:
+        """Count this server's sessions in ``count`` from now on, including the ones it has."""
+        old = self.shared
+        if old is count:
+            return
+        if old is not None:
+            old.add(-self.cur_sessions)
+        count.add(self.cur_sessions)
+        self.shared = count
 
     @property
     def checks_enabled(self) -> bool:
