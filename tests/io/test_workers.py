@@ -334,17 +334,24 @@ def test_the_board_sums_every_processs_column_and_forgets_a_dead_ones() -> None:
     assert main.total() == 2
 
 
-def test_a_server_on_the_board_is_full_at_the_nodes_maxconn() -> None:
+def _on_board(maxconn: int, before: int = 0) -> tuple[Board, Runtime, Backend, Server, Any]:
+    """One server with ``maxconn`` in the main process's column (``before`` sessions taken
+    before it joined the board), and the cell of another process's column for it."""
     board = Board.create(2)
     runtime = _runtime("s1")
     backend = runtime.backends["pool"]
     (s1,) = backend.servers
-    s1.maxconn = 3
-    assert backend.select() is s1  # one session before it joins the board: it is carried over
+    s1.maxconn = maxconn
+    for _ in range(before):
+        assert backend.select() is s1
     board.assign(runtime)
     board.share(runtime, 0, board.slots)
+    return board, runtime, backend, s1, board.cell(board.slots["pool/s1"], 1)
+
+
+def test_a_server_on_the_board_is_full_at_the_nodes_maxconn() -> None:
+    board, runtime, backend, s1, other = _on_board(3, before=1)  # the session before is carried over
     board.share(runtime, 0, board.slots)  # idempotent
-    other = board.cell(board.slots["pool/s1"], 1)  # another process's column
     other.add(2)
     assert s1.cur_sessions == 1 and s1.full  # 1 here + 2 there
     assert backend.select() is None and backend.saturated()
@@ -358,14 +365,7 @@ def test_a_server_on_the_board_is_full_at_the_nodes_maxconn() -> None:
 
 def test_a_queued_session_gets_the_slot_another_process_freed() -> None:
     """Backend.release only wakes this process's queue: poll_queues notices the others' releases."""
-    board = Board.create(2)
-    runtime = _runtime("s1")
-    backend = runtime.backends["pool"]
-    (s1,) = backend.servers
-    s1.maxconn = 1
-    board.assign(runtime)
-    board.share(runtime, 0, board.slots)
-    other = board.cell(board.slots["pool/s1"], 1)
+    _, runtime, backend, s1, other = _on_board(1)
     other.add(1)
 
     @dataclass
