@@ -116,3 +116,27 @@ def test_zero_effective_weight_only_when_alone() -> None:
     lc = LeastConn()
     assert lc.pick([a, b], 0.0) is b
     assert lc.pick([a], 0.0) is a
+
+
+class OtherProcesses:
+    """A SharedCount with sessions other processes hold (global.workers): ``total`` includes them."""
+
+    def __init__(self, theirs: int) -> None:
+        self.n = theirs
+
+    def add(self, n: int) -> None:
+        self.n += n
+
+    def total(self) -> int:
+        return self.n
+
+
+def test_with_workers_the_whole_nodes_sessions_count() -> None:
+    """Here ``a`` looks idle, but other processes hold 6 sessions on it: ``b``, with 2 here, wins."""
+    a, b = make_servers([1, 1])
+    b.cur_sessions = 2
+    a.share(OtherProcesses(6))
+    b.share(OtherProcesses(0))  # the 2 sessions it has are carried into the shared count
+    assert (a.node_sessions, b.node_sessions) == (6, 2)
+    lc = LeastConn()
+    assert all(lc.pick([a, b], 0.0) is b for _ in range(4))

@@ -123,3 +123,14 @@ def test_slowstart_ramp_lowers_share() -> None:
         assert chosen is not None
         counts[chosen.name] += 1
     assert counts["s0"] < 0.2 * counts["s1"]
+
+
+def test_with_workers_the_whole_nodes_sessions_count() -> None:
+    """Two candidates are always both drawn: the one other processes load less wins every time."""
+    from tests.balance.test_leastconn import OtherProcesses
+
+    a, b = make_servers([1, 1])
+    a.share(OtherProcesses(9))  # idle here, busy in the other processes
+    b.cur_sessions = 1
+    b.share(OtherProcesses(0))
+    assert names(PowerOfTwo(Random(3)), [a, b], 50) == Counter({"s1": 50})

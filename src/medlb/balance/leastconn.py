@@ -52,7 +52,7 @@ class LeastConn(Balancer):
             weight = server.effective_weight(now)
             if weight <= 0.0:
                 continue
-            load = (server.cur_sessions + 1) / weight
+            load = (server.node_sessions + 1) / weight
             if best_index < 0 or load < best_load:
                 best_index = index
                 best_load = load

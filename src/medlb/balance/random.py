@@ -3,10 +3,11 @@
 Theory of operation (Mitzenmacher, "The Power of Two Choices in Randomized Load Balancing", IEEE TPDS
 12(10), 2001; HAProxy's ``balance random(2)``, its default number of draws): draw two distinct
 candidates at random, weighted by effective weight, and keep the one with the lower load
-``cur_sessions / effective_weight``. Purely random placement leaves the busiest of n servers about
-``log n / log log n`` above the mean; a second draw brings that down to ``log log n``, exponentially
-better, while needing no shared rotation state. That makes it the algorithm of choice when several
-processes balance the same pool without talking to each other (one medlb worker per core).
+``node_sessions / effective_weight`` (every process's sessions with ``global.workers``). Purely
+random placement leaves the busiest of n servers about ``log n / log log n`` above the mean; a
+second draw brings that down to ``log log n``, exponentially better, while needing no shared
+rotation state. That makes it the algorithm of choice when several processes balance the same pool
+without talking to each other (one medlb worker per core).
 
 On a tie (typically both idle) the first draw wins, so on an idle pool the share of each server is
 exactly its weight's share.
@@ -70,6 +71,6 @@ class PowerOfTwo(Balancer):
         first, second = candidates[i], candidates[j]
         # Compare cur_i / w_i with cur_j / w_j without dividing (both weights are >= 0; a zero
         # weight j, only reachable through the rounding guard above, never wins).
-        if weight_j > 0.0 and second.cur_sessions * weight_i < first.cur_sessions * weight_j:
+        if weight_j > 0.0 and second.node_sessions * weight_i < first.node_sessions * weight_j:
             return second
         return first

@@ -187,11 +187,18 @@ class Server:
         return self.health.state is OpState.UP and self.admin_state is AdminState.READY and self.weight > 0
 
     @property
-    def full(self) -> bool:
-        if self.maxconn <= 0:
-            return False
+    def node_sessions(self) -> int:
+        """Sessions on this server in every process, now: what maxconn and leastconn weigh.
+
+        With one process, ``cur_sessions``. With ``global.workers``, the shared board's live
+        count (``all_sessions`` instead adds the workers' last reports, up to 0.5 s old).
+        """
         shared = self.shared
-        return (self.cur_sessions if shared is None else shared.total()) >= self.maxconn
+        return self.cur_sessions if shared is None else shared.total()
+
+    @property
+    def full(self) -> bool:
+        return self.maxconn > 0 and self.node_sessions >= self.maxconn
 
     def share(self, count: SharedCount) -> None:
         """Count this server's sessions in ``count`` from now on, including the ones it has."""
