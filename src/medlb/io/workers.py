@@ -25,9 +25,12 @@ Messages are pickled dicts behind a 4-byte length. Pickle is safe here: both end
 are the same program, and the socketpair is inherited by the child and reachable by
 nobody else.
 
-What is per process, by design (documented in docs/operations.md): a server's
-``maxconn`` and the queue, ``leastconn``'s view of connections, and HTTP connection
-pools. Source hashing and cookie persistence need no shared state.
+Every process's current sessions per server are also on a shared memory
+:class:`Board`, so a server's ``maxconn`` is the node's and ``leastconn``/``random``
+weigh the whole node's load. What is per process, by design (documented in
+docs/operations.md): each backend queue (it polls the board for slots other processes
+free), a frontend's ``maxconn``, round-robin rotation and HTTP connection pools.
+Source hashing and cookie persistence need no shared state.
 """
 
 from __future__ import annotations
