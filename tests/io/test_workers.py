@@ -607,6 +607,11 @@ if mode == "fail-once":
     marker = record + ".failed"
     if not os.path.exists(marker):  # the first instance cannot apply a reload; its replacement can
         open(marker, "w").close()
+        # It holds 3 sessions on the board's first server while it drains.
+        import mmap
+        bfd = int(sys.argv[sys.argv.index("--board-fd") + 1])
+        board = memoryview(mmap.mmap(bfd, os.fstat(bfd).st_size)).cast("i")
+        board[hello["board"]["column"]] = 3
         send({"t": "failed", "message": "cannot apply the reload: test"})
         time.sleep(4)  # still draining its sessions while the replacement starts (a slow machine too)
         sys.exit(1)
@@ -705,8 +710,9 @@ def test_a_worker_that_cannot_apply_a_reload_is_replaced_while_it_drains(tmp_pat
 
     async def main() -> tuple[int, int, bool]:
         await pool.start()
-        first = pool.workers[0].proc
-        assert first is not None
+        first, first_column = pool.workers[0].proc, pool.workers[0].column
+        assert first is not None and first_column is not None
+        row = pool.board.cell(0, 0)  # the board's first row, as the main process reads it
         watch = asyncio.create_task(pool.run())
         for _ in range(200):
             if pool.workers[0].ready and pool.workers[0].proc is not first:
@@ -715,6 +721,14 @@ def test_a_worker_that_cannot_apply_a_reload_is_replaced_while_it_drains(tmp_pat
         replaced_while_draining = first.returncode is None and first in pool.retiring
         second = pool.workers[0].proc
         assert second is not None
+        # The draining worker's sessions still count; its replacement writes in another column.
+        assert row.total() == 3 and pool.workers[0].column not in (None, first_column)
+        await first.wait()
+        for _ in range(50):  # its column is zeroed once it has exited
+            if row.total() == 0:
+                break
+            await asyncio.sleep(0.02)
+        assert row.total() == 0
         await pool.stop(0.0)
         watch.cancel()
         return first.pid, second.pid, replaced_while_draining
