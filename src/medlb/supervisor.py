@@ -807,9 +807,9 @@ class Supervisor:
         for backend_name, server_name in hello["removed"]:
             with contextlib.suppress(AdminError):
                 self.remove_server(backend_name, server_name, force=False, source="main process", checked=True)
-        apply_state(self.runtime, hello["state"], self._loop.time())
         self._slots = hello["board"]["slots"]
         self._share()
+        apply_state(self.runtime, hello["state"], self._loop.time())
         for backend_name, entries in hello["sticks"].items():
             for key, server_name, age in entries:
                 self._learn({"backend": backend_name, "key": key, "server": server_name, "age": age})
@@ -896,9 +896,10 @@ class Supervisor:
         assert self._loop is not None
         kind = msg.get("t")
         if kind == "state":
-            apply_state(self.runtime, msg["state"], self._loop.time())
+            # Rows first: a server this state brings UP may take queued sessions at once.
             self._slots = msg.get("slots", self._slots)
             self._share()
+            apply_state(self.runtime, msg["state"], self._loop.time())
         elif kind == "add":
             with contextlib.suppress(AdminError):
                 self.add_server(msg["backend"], msg["spec"], msg["source"])

@@ -321,6 +321,34 @@ def test_maxconn_queues_then_serves_in_order(run: Runner) -> None:
     run(main())
 
 
+def test_a_newcomer_does_not_take_a_slot_ahead_of_the_queue(run: Runner) -> None:
+    """With global.workers, a slot another process frees is not announced: the next new session
+    must hand it to the queue's head and wait behind it, not take it."""
+
+    from tests.balance.test_leastconn import OtherProcesses
+
+    async def main() -> None:
+        echo = EchoServer("s1")
+        port = await echo.start()
+        server = up_server("s1", port, maxconn=1)
+        others = OtherProcesses(1)
+        server.share(others)  # another process holds the only slot
+        async with lab([server]) as env:
+            r1, w1 = await asyncio.open_connection("127.0.0.1", env.port)
+            await asyncio.sleep(0.1)
+            assert len(env.backend.queue) == 1
+            others.add(-1)  # that process's session ended; nobody here is told
+            r2, w2 = await asyncio.open_connection("127.0.0.1", env.port)
+            assert await asyncio.wait_for(r1.readline(), 2) == b"s1\n"  # the older one is served
+            await asyncio.sleep(0.1)
+            assert len(env.backend.queue) == 1 and echo.accepted == 1  # the newcomer waits its turn
+            w1.close()
+            assert await asyncio.wait_for(r2.readline(), 2) == b"s1\n"
+            w2.close()
+
+    run(main())
+
+
 def test_queue_timeout_refuses_cleanly(run: Runner) -> None:
     async def main() -> None:
         echo = EchoServer("s1")

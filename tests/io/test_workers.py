@@ -322,8 +322,8 @@ def test_reload_reaches_the_worker(tmp_path: Path) -> None:
 
 
 def test_the_board_sums_every_processs_column_and_forgets_a_dead_ones() -> None:
-    board = Board.create(2)  # 4 columns: main, a worker, and two for replaced workers
-    assert board.columns == 4
+    board = Board.create(2)  # 8 columns: main, a worker, and six for replaced workers
+    assert board.columns == 8
     main, worker = board.cell(5, 0), board.cell(5, 1)
     main.add(2)
     worker.add(3)

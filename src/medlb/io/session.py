@@ -100,6 +100,13 @@ class TcpSession:
 
     def start(self) -> None:
         backend = self.backend
+        if backend.queue:
+            # Older sessions wait for a slot: they go first. With global.workers a slot another
+            # process freed is not announced (the queue polls for it), so one may be free now.
+            backend.dispatch_queue()
+            if backend.queue:
+                self._queue_or_refuse("no_server")
+                return
         server = backend.select(self.key)
         if server is not None:
             self._connect(server)

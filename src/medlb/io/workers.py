@@ -266,9 +266,10 @@ class Board:
 
     @classmethod
     def create(cls, workers: int) -> Board:
-        """The main process's board: a column for each process, and as many again for
-        workers replaced after a failed reload, which keep theirs while they drain."""
-        columns = 2 * workers
+        """The main process's board: a column for each process, and three times as many
+        again for workers replaced after failed reloads, which keep theirs while they drain
+        (a column is 16 KiB)."""
+        columns = 4 * workers
         fd = os.memfd_create("medlb-sessions")
         os.ftruncate(fd, BOARD_SLOTS * columns * 4)
         return cls(fd, columns)
