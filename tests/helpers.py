@@ -342,3 +342,18 @@ class LabBase:
         directory = self.tmp / f"medlb{self._n}"
         directory.mkdir()
         return self.stack.enter_context(running_medlb(config, directory))
+
+
+def assert_reset_others_alive(victims: list[socket.socket], survivors: list[socket.socket]) -> None:
+    """After shutdown-sessions: the victims' sessions are reset (RST, not a clean close, so a
+    client knows it was cut), and the other sessions still echo."""
+    for sock in victims:
+        sock.settimeout(5)
+        try:
+            data = sock.recv(64)
+        except ConnectionResetError:
+            continue
+        raise AssertionError(f"a shut-down session must be reset, not {data if data else 'closed cleanly'}")
+    for sock in survivors:
+        sock.sendall(b"ping")
+        assert sock.recv(64) == b"ping"
