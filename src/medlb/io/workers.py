@@ -218,7 +218,8 @@ def apply_state(runtime: Runtime, state: dict[str, ServerState], now: float) -> 
 #: Server keys the board has a row for (one each, kept for the main process's lifetime).
 BOARD_SLOTS = 4096
 #: Seconds between two looks at the queues. A slot another process frees is not announced,
-#: so a session queued because the node's maxconn was reached waits at most this long more.
+#: so this process's queue learns of it at the next look (unless a new session there, or
+#: in another process, has taken it first).
 QUEUE_POLL = 0.02
 
 
@@ -248,8 +249,9 @@ class Board:
     process; each process writes only its own column (plain int32 stores, no lock), and
     every process reads the row's sum when it checks the limit. Two processes that admit
     a session in the same instant against the last free slot can pass ``maxconn`` by
-    ``workers - 1`` for that instant, never more. The main process zeroes the column of a
-    process that died (its sessions died with it).
+    ``workers - 1`` for that instant (docs/operations.md names two rarer moments when a
+    process counts only its own). The main process zeroes the column of a process that
+    died, once it has exited (its sessions died with it).
 
     A memfd mapped by every process: the workers inherit its descriptor at start.
     """
