@@ -28,7 +28,6 @@ DICOM TLS on either side.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import socket
 from collections import Counter
@@ -36,7 +35,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, cast
 
 from medlb.errors import DicomProtocolError
-from medlb.io.tls import ClientTls, ServerTls, start_session
+from medlb.io.tls import AcceptedSession, ClientTls, ServerTls
 from medlb.layers.dicom import NO_SERVER, SERVERS_FAILED, DicomPolicy, Reject
 from medlb.model.server import Server
 from medlb.proto.dicom_dimse import StatusCategory
@@ -154,8 +153,13 @@ _RELAY = 2  # established: bytes flow both ways
 _DONE = 3
 
 
-class DicomSession(asyncio.Protocol):
+class DicomSession(AcceptedSession):
     """One client association. Also the frontend's session object (``start``, ``abort``, ``server``...)."""
+
+    log_label = "dicom"
+    session_log = log
+    frontend: Frontend
+    settings: DicomSettings
 
     #: Not a byte relay for the frontend's idle sweeper: the session keeps its own idle timer.
     relay = None
@@ -202,22 +206,8 @@ class DicomSession(asyncio.Protocol):
 
     # -- start --------------------------------------------------------------------------
 
-    def start(self) -> None:
-        """Wrap the accepted socket in a uvloop transport (its C read/write path), TLS if configured."""
-        sock, self.sock = self.sock, None
-        assert sock is not None
-        client = (self.client_ip, self.client_port)
-        start_session(
-            self.loop,
-            self,
-            sock,
-            self.settings.tls,
-            log=log,
-            label="dicom",
-            client=client,
-            frontend=self.frontend.name,
-            on_failure=functools.partial(self._finish, "tls_handshake_failed"),
-        )
+    def tls_failed(self) -> None:
+        self._finish("tls_handshake_failed")
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)

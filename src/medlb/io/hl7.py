@@ -47,7 +47,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Literal, cast
 
 from medlb.errors import Hl7ProtocolError
-from medlb.io.tls import ClientTls, ServerTls, start_session
+from medlb.io.tls import AcceptedSession, ClientTls, ServerTls
 from medlb.layers.hl7 import DedupTable, Hl7Router, KeyOrder
 from medlb.model.server import Server
 from medlb.proto.hl7 import (
@@ -276,8 +276,13 @@ class ServerPool:
 # --------------------------------------------------------------------------- the sender's connection
 
 
-class Hl7Session(asyncio.Protocol):
+class Hl7Session(AcceptedSession):
     """A sender's MLLP connection. Also the frontend's session object (``start``, ``abort``, ``server``...)."""
+
+    log_label = "hl7"
+    session_log = log
+    frontend: Frontend
+    settings: Hl7Settings
 
     relay = None
     #: Messages of one sender waiting for their replies; beyond it the sender is paused.
@@ -322,22 +327,8 @@ class Hl7Session(asyncio.Protocol):
 
     # -- connection -----------------------------------------------------------------------
 
-    def start(self) -> None:
-        """Wrap the accepted socket in a uvloop transport (its C read/write path), TLS if configured."""
-        sock, self.sock = self.sock, None
-        assert sock is not None
-        client = (self.client_ip, self.client_port)
-        start_session(
-            self.loop,
-            self,
-            sock,
-            self.settings.tls,
-            log=log,
-            label="hl7",
-            client=client,
-            frontend=self.frontend.name,
-            on_failure=self._ended,
-        )
+    def tls_failed(self) -> None:
+        self._ended()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)

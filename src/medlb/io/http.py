@@ -43,7 +43,7 @@ from ipaddress import IPv4Network, IPv6Network, ip_address
 from typing import TYPE_CHECKING, cast
 
 from medlb.config import CookieSettings
-from medlb.io.tls import ServerTls, start_session, subject_text
+from medlb.io.tls import AcceptedSession, ServerTls, subject_text
 from medlb.layers.http_rules import DEFAULT, NO_RULES, Decision, Router
 from medlb.model.persistence import Persistence, honours
 from medlb.model.server import Server
@@ -864,13 +864,18 @@ class Pools:
         self.pools.clear()
 
 
-class HttpSession(asyncio.Protocol):
+class HttpSession(AcceptedSession):
     """One client connection: parse, run streams one at a time, keep alive.
 
     It is also the frontend's *session* object (like :class:`~medlb.io.session.TcpSession`):
     ``start``, ``abort``, ``backend``, ``server`` and ``relay`` are what the
     frontend, the runtime and the admin API use.
     """
+
+    log_label = "tls"
+    session_log = log
+    frontend: Frontend
+    settings: HttpSettings
 
     #: HTTP sessions have no byte relay for the idle sweeper; their timers are their own.
     relay = None
@@ -916,22 +921,8 @@ class HttpSession(asyncio.Protocol):
         """The server of the stream in flight (what ``shutdown-sessions`` looks for)."""
         return self.stream.server if self.stream is not None else None
 
-    def start(self) -> None:
-        """Wrap the accepted socket in a uvloop transport (its C read/write path), TLS if configured."""
-        sock, self.sock = self.sock, None
-        assert sock is not None
-        client = (self.client_ip, self.client_port)
-        start_session(
-            self.loop,
-            self,
-            sock,
-            self.settings.tls,
-            log=log,
-            label="tls",
-            client=client,
-            frontend=self.frontend.name,
-            on_failure=self._ended,
-        )
+    def tls_failed(self) -> None:
+        self._ended()
 
     # -- connection events ---------------------------------------------------------------
 

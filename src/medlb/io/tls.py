@@ -16,6 +16,7 @@ import socket
 import ssl
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import ClassVar, Protocol
 
 from medlb.config import BackendTls, FrontendTls, TlsCertificate
 from medlb.errors import StartupError
@@ -224,3 +225,52 @@ def start_session(
             on_failure()
 
     loop.create_task(wrap())
+
+
+class _Named(Protocol):
+    @property
+    def name(self) -> str: ...
+
+
+class _TlsSettings(Protocol):
+    @property
+    def tls(self) -> ServerTls | None: ...
+
+
+class AcceptedSession(asyncio.Protocol):
+    """A frontend session (http, dicom, hl7) that starts on a socket accepted for it.
+
+    ``start`` hands the socket to :func:`start_session`, so every mode wraps it and logs a
+    refused handshake the same way. Subclasses name their log (``session_log``) and label,
+    set the attributes below in ``__init__``, and say in ``tls_failed`` how they end.
+    """
+
+    #: The first word of the handshake-failure log line ("tls" for HTTP, "dicom", "hl7").
+    log_label: ClassVar[str]
+    session_log: ClassVar[logging.Logger]
+    loop: asyncio.AbstractEventLoop
+    sock: socket.socket | None
+    client_ip: str
+    client_port: int
+    frontend: _Named
+    settings: _TlsSettings
+
+    def start(self) -> None:
+        """Wrap the accepted socket in a uvloop transport (its C read/write path), TLS if configured."""
+        sock, self.sock = self.sock, None
+        assert sock is not None
+        start_session(
+            self.loop,
+            self,
+            sock,
+            self.settings.tls,
+            log=self.session_log,
+            label=self.log_label,
+            client=(self.client_ip, self.client_port),
+            frontend=self.frontend.name,
+            on_failure=self.tls_failed,
+        )
+
+    def tls_failed(self) -> None:
+        """End the session after a refused handshake (nothing was parsed or forwarded)."""
+        raise NotImplementedError
