@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import shutil
 import subprocess
 import sys
@@ -53,3 +54,15 @@ def parse_table(text: str) -> tuple[list[str], dict[str, list[str]]]:
             break  # the next table (Details) starts after a blank line; stop at the first mismatch
         table[cells[0]] = cells
     return header, table
+
+
+def check_medlb_w_options(bench: ModuleType) -> None:
+    """Both relay benches run every path by default, rate ``medlb-w`` against direct and HAProxy,
+    and take ``--medlb-workers`` (2..64, default: the cores, at least 2)."""
+    assert bench.parse_args([]).paths.split(",") == list(bench.PATHS)
+    assert {("medlb-w/direct", "medlb-w", "direct"), ("medlb-w/HAProxy", "medlb-w", "haproxy")} <= set(bench.RATIOS)
+    assert bench.parse_args([]).medlb_workers == max(2, os.cpu_count() or 1)
+    assert bench.parse_args(["--medlb-workers", "3"]).medlb_workers == 3
+    for bad in ("1", "65"):
+        with pytest.raises(SystemExit):
+            bench.parse_args(["--medlb-workers", bad])

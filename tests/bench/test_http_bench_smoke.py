@@ -20,7 +20,7 @@ from types import ModuleType
 
 import pytest
 
-from tests.bench.smoke import load_script, parse_table, run_smoke
+from tests.bench.smoke import check_medlb_w_options, load_script, parse_table, run_smoke
 
 TOOLS = ("haproxy", "wrk", "nginx", "openssl")
 NUMBER = r"\d+(\.\d+)?x?"
@@ -126,13 +126,7 @@ def test_medlb_w_runs_medlb_with_workers_everywhere_medlb_runs() -> None:
     """medlb-w is medlb with ``global.workers``: a default path, a TLS path, with its own ratios and targets."""
     bench = load_script("http_bench")
     assert "medlb-w" in bench.PATHS and "medlb-w" in bench.TLS_PATHS
-    assert bench.parse_args([]).paths.split(",") == list(bench.PATHS)
-    assert {("medlb-w/direct", "medlb-w", "direct"), ("medlb-w/HAProxy", "medlb-w", "haproxy")} <= set(bench.RATIOS)
-    assert bench.parse_args([]).medlb_workers == max(2, os.cpu_count() or 1)
-    assert bench.parse_args(["--medlb-workers", "3"]).medlb_workers == 3
-    for bad in ("1", "65"):
-        with pytest.raises(SystemExit):
-            bench.parse_args(["--medlb-workers", bad])
+    check_medlb_w_options(bench)
     b = bench.Bench(bench.Settings(duration=1, smoke=True, medlb_workers=3))
     try:
         assert "global: {nofile: 200000}\n" in b.medlb_config(1, 2)

@@ -10,14 +10,13 @@ proves the admin API answers every scrape while traffic flows, and medlb-w
 
 from __future__ import annotations
 
-import os
 import re
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.bench.smoke import load_script, parse_table, run_smoke
+from tests.bench.smoke import check_medlb_w_options, load_script, parse_table, run_smoke
 
 TOOLS = ("haproxy", "iperf3", "wrk", "nginx")
 #: Cells that are legitimately not applicable: the direct path has no proxy memory to measure.
@@ -101,13 +100,7 @@ def test_render_shows_only_the_paths_that_ran() -> None:
 def test_medlb_w_runs_medlb_splice_with_workers() -> None:
     """medlb-w is medlb (splice) with ``global.workers``: a default path with its own ratios and targets."""
     bench = load_script("tcp_bench")
-    assert bench.parse_args([]).paths.split(",") == list(bench.PATHS)
-    assert {("medlb-w/direct", "medlb-w", "direct"), ("medlb-w/HAProxy", "medlb-w", "haproxy")} <= set(bench.RATIOS)
-    assert bench.parse_args([]).medlb_workers == max(2, os.cpu_count() or 1)
-    assert bench.parse_args(["--medlb-workers", "3"]).medlb_workers == 3
-    for bad in ("1", "65"):
-        with pytest.raises(SystemExit):
-            bench.parse_args(["--medlb-workers", bad])
+    check_medlb_w_options(bench)
     b = bench.Bench(bench.Settings(duration=1, idle_n=10, idle_n_requested=10, smoke=True, medlb_workers=3))
     try:
         routes = [bench.Route("idle", 1, bench.probe_holder)]
